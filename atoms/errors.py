@@ -1,0 +1,21 @@
+"""The project's error types: each message is one line naming the file, field or value at fault."""
+
+
+class AtomsError(Exception):
+    """Base class; command-line entry points print these as one line and exit non-zero."""
+
+
+class InputError(AtomsError, ValueError):
+    """Data of the wrong shape, dtype or content (NaN/Inf, empty, mismatched width)."""
+
+
+class SingularMomentError(InputError):
+    """A second moment that cannot be inverted without a floor."""
+
+
+class ConfigError(AtomsError, ValueError):
+    """A configuration field with a missing, unknown or invalid value."""
+
+
+class TrainingDiverged(AtomsError, RuntimeError):
+    """A non-finite loss or weight appeared during training."""

@@ -1,0 +1,244 @@
+"""The theory test-bed as a study: sweep AIP coherence ε and sparsity K on synthetic atoms.
+
+For every (ε, K) cell it measures, on held-out activations with known atoms and supports:
+  closed_form_tsae   the theorem's TSAE (W_enc = Dᵀ S̃, W_dec = D, τ mid-interval)
+  closed_form_relu   the same encoder with τ = 0 (ReLU: cross-talk leaks through)
+  trained_tsae       a threshold SAE trained from random initialisation
+  trained_relu       a ReLU + L1 SAE trained the same way
+and writes one Parquet row per (cell, unit set) plus a PNG of the four maps.
+
+    python experiments/synthetic.py [--config experiments/configs/synthetic.yaml] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from atoms.config import require, to_dict
+from atoms.io import atomic_path, code_version
+from atoms.metrics import coherence, l0_summary, q_star, r2_scores, theorem_interval
+from atoms.recovery import support_agreement
+from atoms.sae import SAEConfig, ThresholdSAE, build_sae
+from atoms.synthetic import SyntheticAtoms, SyntheticConfig, make_atom_set, match_atoms
+from atoms.training import TrainConfig, train_sae
+from experiments.common import CONFIGS, config_parser, load_config, run
+
+UNIT_SETS = ("closed_form_tsae", "closed_form_relu", "trained_tsae", "trained_relu")
+
+
+@dataclass
+class SyntheticStudyConfig:
+    d: int = 64
+    """Activation width H."""
+    n_atoms: int = 128
+    """True atoms N."""
+    coherences: list[float] = field(default_factory=lambda: [0.15, 0.25, 0.4])
+    """Target AIP coherences ε to sweep."""
+    ks: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Sparsities K to sweep (each code has 1..K atoms)."""
+    delta_min: float = 1.0
+    delta_max: float = 2.0
+    n_samples: int = 20000
+    """Training activations per cell."""
+    eval_samples: int = 2000
+    """Held-out activations per cell."""
+    latents_per_atom: int = 2
+    """Trained SAE width = latents_per_atom · N."""
+    train_saes: bool = True
+    """Also train a TSAE and a ReLU SAE per cell (the slow part)."""
+    tsae_bandwidth: float = 0.1
+    """STE bandwidth ε of the trained TSAE (normalised units)."""
+    tsae_init_threshold: float = 0.3
+    """Initial threshold of the trained TSAE (normalised units)."""
+    sae_bias: bool = False
+    """Give the trained SAEs b_enc/b_dec (the theorem has none; a b_dec can absorb the mean
+    atom and tilt the learned directions)."""
+    relu_sparsity_coeff: float = 0.1
+    """L1 coefficient of the ReLU SAE."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    out: str = "results/synthetic"
+
+    def __post_init__(self):
+        require(len(self.coherences) > 0, "coherences", "must list at least one value")
+        require(len(self.ks) > 0, "ks", "must list at least one value")
+        for c in self.coherences:
+            require(0 <= c < 1, "coherences", f"values must be in [0, 1), got {c}")
+        for k in self.ks:
+            require(1 <= k <= self.n_atoms, "ks", f"values must be in 1..n_atoms, got {k}")
+        require(self.eval_samples >= 10, "eval_samples", "must be at least 10")
+        require(self.latents_per_atom >= 1, "latents_per_atom", "must be at least 1")
+
+
+def _codes_in_true_order(codes: torch.Tensor, assignment: np.ndarray) -> torch.Tensor:
+    """Map learned latents onto the true atoms they were matched to (unmatched: zero)."""
+    out = torch.zeros(codes.shape[0], len(assignment), dtype=codes.dtype)
+    hit = assignment >= 0
+    out[:, torch.as_tensor(np.flatnonzero(hit))] = codes[:, torch.as_tensor(assignment[hit])]
+    return out
+
+
+def _evaluate(sae, ev: SyntheticAtoms, assignment: np.ndarray | None = None) -> dict:
+    with torch.no_grad():
+        out = sae(ev.activations.float())
+    codes = out.codes.double()
+    if assignment is not None:
+        codes = _codes_in_true_order(codes, assignment)
+    row = {f"r2_{k}": v for k, v in r2_scores(ev.activations, out.recon.double(), ev.aip).items()}
+    row.update(support_agreement(codes, ev.codes))
+    row.update(l0_summary(out.l0))
+    row["l0_excess"] = row["l0_mean"] - float((ev.codes > 0).sum(1).double().mean())
+    residual = ev.activations - out.recon.double()
+    row["recon_error_aip_max"] = float(ev.aip.norm(residual).max())
+    coh = coherence(sae.W_dec.detach(), ev.aip)  # under the ground-truth metric
+    row["q_star"] = q_star(coh, out.l0)
+    row["coherence_max"] = coh.mu
+    return row
+
+
+def _closed_form(atoms: SyntheticAtoms, ev: SyntheticAtoms) -> list[dict]:
+    c, eps = atoms.cfg, atoms.coherence
+    lo, hi = theorem_interval(eps, c.k, c.delta_min, c.delta_max)
+    tau = max((lo + hi) / 2, 0.0)  # mid-interval; outside the condition no τ is safe
+    # §11.1: ‖m − m̂‖_S̃ ≤ √(1 + (K−1)ε)·(K−1)ε·√K·δ_max when supports are exact.
+    bound = math.sqrt(1 + (c.k - 1) * eps) * (c.k - 1) * eps * math.sqrt(c.k) * c.delta_max
+    rows = []
+    for name, threshold in (("closed_form_tsae", tau), ("closed_form_relu", 0.0)):
+        row = _evaluate(ThresholdSAE.from_dictionary(atoms.atoms, atoms.aip, threshold), ev)
+        rows.append({"unit_set": name, "threshold": threshold, "recon_bound_aip": bound,
+                     "atom_recovery_099": 1.0, **row})
+    return rows
+
+
+def _trained(cfg: SyntheticStudyConfig, atoms: SyntheticAtoms, ev: SyntheticAtoms, progress):
+    rows = []
+    d_sae = cfg.latents_per_atom * cfg.n_atoms
+    variants = {
+        "trained_tsae": (SAEConfig(d_in=cfg.d, d_sae=d_sae, bandwidth=cfg.tsae_bandwidth,
+                                   init_threshold=cfg.tsae_init_threshold, bias=cfg.sae_bias,
+                                   seed=cfg.seed),
+                         cfg.train),
+        "trained_relu": (SAEConfig(d_in=cfg.d, d_sae=d_sae, kind="relu", bias=cfg.sae_bias,
+                                   seed=cfg.seed),
+                         dataclasses.replace(cfg.train, sparsity_coeff=cfg.relu_sparsity_coeff)),
+    }
+    for name, (sae_cfg, train_cfg) in variants.items():
+        sae = build_sae(sae_cfg)
+        t0 = time.perf_counter()
+        result = train_sae(sae, atoms.activations.float(), train_cfg, progress=progress)
+        match = match_atoms(sae.directions, atoms.atoms)
+        row = {"unit_set": name, "train_seconds": time.perf_counter() - t0,
+               "atom_recovery_099": match.recovery_rate(0.99),
+               "atom_recovery_090": match.recovery_rate(0.90),
+               "resampled": result.resampled,
+               **_evaluate(sae, ev, match.assignment)}
+        if result.threshold_start is not None:
+            row["threshold_mean_start"] = float(result.threshold_start.mean())
+            row["threshold_mean_end"] = float(result.threshold_end.mean())
+        rows.append(row)
+    return rows
+
+
+def run_cell(cfg: SyntheticStudyConfig, eps: float, k: int, progress: bool = False) -> list[dict]:
+    """All unit sets for one (ε, K) cell; training and held-out data share the atoms."""
+    syn = SyntheticConfig(d=cfg.d, n_atoms=cfg.n_atoms, coherence=eps, k=k, exact_k=False,
+                          delta_min=cfg.delta_min, delta_max=cfg.delta_max,
+                          n_samples=cfg.n_samples + cfg.eval_samples, seed=cfg.seed)
+    full = make_atom_set(syn)
+    n = cfg.n_samples
+    train = dataclasses.replace(full, codes=full.codes[:n], activations=full.activations[:n])
+    held = dataclasses.replace(full, codes=full.codes[n:], activations=full.activations[n:])
+    rows = _closed_form(full, held)
+    if cfg.train_saes:
+        rows += _trained(cfg, train, held, progress)
+    common = {"epsilon_target": eps, "epsilon": full.coherence, "k": k,
+              "theorem_holds": full.theorem_holds}
+    return [{**common, **row} for row in rows]
+
+
+def plot(table: pd.DataFrame, cfg: SyntheticStudyConfig, path: Path) -> None:
+    """Four maps over (ε, K) with the theorem boundary δ_min = ε(2K − 1)δ_max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("closed_form_tsae", "support_exact", "closed-form TSAE: exact supports"),
+              ("closed_form_relu", "support_exact", "closed-form, τ = 0 (ReLU): exact supports"),
+              ("trained_tsae", "atom_recovery_099", "trained TSAE: atoms at |cos| > 0.99"),
+              ("trained_relu", "support_exact", "trained ReLU SAE: exact supports")]
+    panels = [p for p in panels if p[0] in set(table.unit_set)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    eps_grid = np.linspace(min(cfg.coherences) * 0.9, max(cfg.coherences) * 1.1, 100)
+    k_boundary = (cfg.delta_min / (eps_grid * cfg.delta_max) + 1) / 2
+    for ax, (unit_set, metric, title) in zip(axes[0], panels, strict=True):
+        sub = table[table.unit_set == unit_set]
+        grid = sub.pivot_table(index="k", columns="epsilon", values=metric)
+        mesh = ax.pcolormesh(np.arange(grid.shape[1] + 1), np.arange(grid.shape[0] + 1),
+                             grid.values, vmin=0, vmax=1, cmap="viridis")
+        for (i, j), v in np.ndenumerate(grid.values):
+            ax.text(j + 0.5, i + 0.5, f"{v:.2f}", ha="center", va="center",
+                    color="white" if v < 0.6 else "black", fontsize=9)
+        ax.set_xticks(np.arange(grid.shape[1]) + 0.5, [f"{e:.3g}" for e in grid.columns])
+        ax.set_yticks(np.arange(grid.shape[0]) + 0.5, [str(k) for k in grid.index])
+        # Theorem boundary, in cell coordinates (interpolated along both axes).
+        xs = np.interp(eps_grid, grid.columns, np.arange(grid.shape[1]) + 0.5)
+        ys = np.interp(k_boundary, grid.index, np.arange(grid.shape[0]) + 0.5)
+        ax.plot(xs, ys, "r--", lw=1.5, label="δ_min = ε(2K−1)δ_max")
+        ax.set_ylim(0, grid.shape[0])
+        ax.set_xlabel("AIP coherence ε")
+        ax.set_ylabel("sparsity K")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(mesh, ax=ax, fraction=0.046)
+    axes[0][0].legend(loc="upper right", fontsize=7)
+    fig.suptitle(f"Synthetic atoms: H={cfg.d}, N={cfg.n_atoms}, δ∈[{cfg.delta_min}, "
+                 f"{cfg.delta_max}]", fontsize=11)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def run_study(cfg: SyntheticStudyConfig, progress: bool = True) -> tuple[pd.DataFrame, Path]:
+    out = Path(cfg.out)
+    cells = [(e, k) for e in cfg.coherences for k in cfg.ks]
+    rows = []
+    for eps, k in tqdm(cells, desc="synthetic cells", disable=not progress):
+        rows += run_cell(cfg, eps, k, progress=False)
+    table = pd.DataFrame(rows)
+    table["config"] = json.dumps(to_dict(cfg))
+    table["code_version"] = code_version()
+    with atomic_path(out / "synthetic.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    plot(table, cfg, out / "synthetic.png")
+    return table, out
+
+
+def summary(table: pd.DataFrame) -> str:
+    cols = ["epsilon", "k", "theorem_holds", "unit_set", "support_exact", "atom_recovery_099",
+            "l0_mean", "r2_euclid_centred", "q_star"]
+    return table[[c for c in cols if c in table]].to_string(index=False, float_format="%.3f")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = config_parser(__doc__.splitlines()[0], CONFIGS / "synthetic.yaml")
+    args = parser.parse_args(argv)
+    cfg = load_config(SyntheticStudyConfig, args)
+    table, out = run_study(cfg, progress=not args.quiet)
+    print(summary(table))
+    print(f"\nwrote {out / 'synthetic.parquet'} and {out / 'synthetic.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
