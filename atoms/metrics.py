@@ -297,8 +297,9 @@ def threshold_interval_check(
     """Where learned thresholds sit against the theorem interval, in AIP-unit-atom units.
 
     A code aⱼ on decoder row dⱼ is δⱼ = aⱼ ‖dⱼ‖_S̃ on the AIP-normalised atom; thresholds are
-    rescaled the same way. ε = μ (AIP coherence), K = the ``k_quantile`` of L0, δ_min/δ_max =
-    the smallest/largest non-zero rescaled code.
+    rescaled the same way. ``directions`` are the decoder rows in input units (for an SAE with
+    an input scale s: W_dec / s), so that x̂ = Σⱼ aⱼ dⱼ. ε = μ (AIP coherence), K = the
+    ``k_quantile`` of L0, δ_min/δ_max = the smallest/largest non-zero rescaled code.
     """
     scale = aip.norm(torch.as_tensor(directions).to(torch.float64))
     theta = torch.as_tensor(thresholds).to(torch.float64) * scale

@@ -179,10 +179,12 @@ def plot(table: pd.DataFrame, cfg: SyntheticStudyConfig, path: Path) -> None:
               ("trained_tsae", "atom_recovery_099", "trained TSAE: atoms at |cos| > 0.99"),
               ("trained_relu", "support_exact", "trained ReLU SAE: exact supports")]
     panels = [p for p in panels if p[0] in set(table.unit_set)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    eps_grid = np.linspace(min(cfg.coherences) * 0.9, max(cfg.coherences) * 1.1, 100)
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    eps_grid = np.linspace(min(cfg.coherences), max(cfg.coherences), 100)
     k_boundary = (cfg.delta_min / (eps_grid * cfg.delta_max) + 1) / 2
-    for ax, (unit_set, metric, title) in zip(axes[0], panels, strict=True):
+    for ax, (unit_set, metric, title) in zip(axes.flat, panels, strict=False):
         sub = table[table.unit_set == unit_set]
         grid = sub.pivot_table(index="k", columns="epsilon", values=metric)
         mesh = ax.pcolormesh(np.arange(grid.shape[1] + 1), np.arange(grid.shape[0] + 1),
@@ -195,12 +197,14 @@ def plot(table: pd.DataFrame, cfg: SyntheticStudyConfig, path: Path) -> None:
         # Theorem boundary, in cell coordinates (interpolated along both axes).
         xs = np.interp(eps_grid, grid.columns, np.arange(grid.shape[1]) + 0.5)
         ys = np.interp(k_boundary, grid.index, np.arange(grid.shape[0]) + 0.5)
-        ax.plot(xs, ys, "r--", lw=1.5, label="δ_min = ε(2K−1)δ_max")
+        ax.plot(xs, ys, "r--", lw=1.5, label="δ_min = ε(2K−1)δ_max\n(theorem holds below)")
         ax.set_ylim(0, grid.shape[0])
         ax.set_xlabel("AIP coherence ε")
         ax.set_ylabel("sparsity K")
         ax.set_title(title, fontsize=10)
         fig.colorbar(mesh, ax=ax, fraction=0.046)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     axes[0][0].legend(loc="upper right", fontsize=7)
     fig.suptitle(f"Synthetic atoms: H={cfg.d}, N={cfg.n_atoms}, δ∈[{cfg.delta_min}, "
                  f"{cfg.delta_max}]", fontsize=11)
