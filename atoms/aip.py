@@ -6,12 +6,17 @@ Whitening is x̃ = S̃^{1/2} x (S̃^{1/2} symmetric), so ⟨u, v⟩_S̃ = ũᵀ 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from atoms.errors import InputError, SingularMomentError
+from atoms.io import atomic_path
 from atoms.validation import as_rows, check_finite
 
 
@@ -186,3 +191,30 @@ class AIP:
         """The whitened normalised Gram matrix Gᵢⱼ = cos_S̃(dᵢ, dⱼ), (N, N) float64."""
         w = self.whitened_units(directions)
         return w @ w.T
+
+
+def save_aip(aip: AIP, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write S̃, S̃^{1/2} and the eigenvalues as safetensors, with JSON metadata (atomic)."""
+    meta = {"condition_number": aip.condition_number, "n_floored": aip.n_floored,
+            "floor": aip.floor, **(metadata or {})}
+    tensors = {"S": aip.S.contiguous(), "S_half": aip.S_half.contiguous(),
+               "eigenvalues": aip.eigenvalues.contiguous()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"atoms": json.dumps(meta)})
+    return Path(path)
+
+
+def load_aip(path: str | Path) -> tuple[AIP, dict]:
+    """Read a file written by ``save_aip``: (AIP, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: AIP file not found (run experiments/fit_aip.py first)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("atoms", "{}"))
+            t = {k: f.get_tensor(k) for k in ("S", "S_half", "eigenvalues")}
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise InputError(f"{path}: not a readable AIP file ({type(e).__name__})") from None
+    aip = AIP(t["S"], t["S_half"], t["eigenvalues"], float(meta["condition_number"]),
+              int(meta["n_floored"]), float(meta["floor"]))
+    return aip, meta

@@ -1,0 +1,30 @@
+"""Extract activations of a causal LM into checksummed Parquet shards with Ray Data.
+
+    python experiments/extract.py [--config experiments/configs/models/smollm2-135m.yaml]
+
+Rerunning resumes: verified shards are skipped, damaged ones are redone.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from atoms.config import load_yaml
+from atoms.distributed import run_extraction
+from experiments.common import run
+from experiments.data_config import DataConfig
+from experiments.fit_aip import parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = load_yaml(DataConfig, args.config)
+    if args.out is not None:
+        cfg.extract.out = str(args.out)
+    manifests = run_extraction(cfg.extract, progress=not args.quiet)
+    for path in manifests:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
