@@ -175,3 +175,24 @@ def test_coherence_rejects_bad_directions():
         coherence(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]))
     with pytest.raises(InputError, match="zero-norm"):
         coherence(torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+
+
+@given(d=st.integers(2, 12), seed=st.integers(0, 10_000), n=st.integers(1, 50))
+@settings(max_examples=30, deadline=None)
+def test_q_star_is_one_for_aip_orthonormal_atoms_with_k1_property(d, seed, n):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64) + 3 * torch.eye(d, dtype=torch.float64)
+    aip = AIP.from_moment(a @ a.T, allow_floor=True)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    coh = coherence(q.T @ a.T, aip)  # orthonormal under S̃ = (A Aᵀ)⁻¹
+    k = torch.ones(n)
+    assert q_star(coh, k, "pairwise") == 1.0 and q_star(coh, k, "per_unit") == 1.0
+
+
+@given(seed=st.integers(0, 10_000), low=st.floats(0.0, 0.2), high=st.floats(0.25, 0.6))
+@settings(max_examples=15, deadline=None, derandomize=True)
+def test_q_star_never_rises_with_coherence_property(seed, low, high):
+    k = torch.randint(1, 4, (300,), generator=torch.Generator().manual_seed(seed))
+    q = [q_star(coherence(whitened_atoms(12, 12, eps, torch.Generator().manual_seed(seed))), k)
+         for eps in (low, high)]
+    assert q[0] >= q[1]
