@@ -466,3 +466,13 @@ class ShardSet:
                     buf, fill = torch.empty(batch_rows, self.d, dtype=dtype), 0
         if fill:
             yield buf[:fill]
+
+
+def layer_folders(root: str | Path) -> list[Path]:
+    """Every <site>/layer_<l> folder under ``root`` that has a manifest, ordered by site, layer."""
+    root = Path(root)
+    found = sorted(root.glob("*/layer_*/manifest.json"),
+                   key=lambda p: (p.parent.parent.name, int(p.parent.name.split("_")[1])))
+    if not found:
+        raise InputError(f"{root}: no extracted layers (run experiments/extract.py first)")
+    return [p.parent for p in found]

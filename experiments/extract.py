@@ -11,13 +11,12 @@ import sys
 
 from atoms.config import load_yaml
 from atoms.distributed import run_extraction
-from experiments.common import run
-from experiments.data_config import DataConfig
-from experiments.fit_aip import parser
+from experiments.common import config_parser, run
+from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = config_parser(__doc__.splitlines()[0], DEFAULT_MODEL_CONFIG).parse_args(argv)
     cfg = load_yaml(DataConfig, args.config)
     if args.out is not None:
         cfg.extract.out = str(args.out)

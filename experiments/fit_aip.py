@@ -7,40 +7,19 @@ Writes aip.safetensors (S̃, S̃^{1/2}, eigenvalues, metadata) beside each layer
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from atoms.aip import AIP, save_aip
 from atoms.config import load_yaml
 from atoms.distributed import fit_second_moment
-from atoms.errors import InputError
-from atoms.shards import load_manifest
-from experiments.common import run
+from atoms.shards import layer_folders, load_manifest
+from experiments.common import config_parser, run
 from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", type=Path, default=DEFAULT_MODEL_CONFIG,
-                   help=f"model YAML (default: {DEFAULT_MODEL_CONFIG})")
-    p.add_argument("--out", type=Path, default=None,
-                   help="activation folder (overrides extract.out)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
-def layer_folders(root: Path) -> list[Path]:
-    """Every <site>/layer_<l> folder under ``root`` that has a manifest, in a stable order."""
-    folders = sorted(root.glob("*/layer_*/manifest.json"),
-                     key=lambda p: (p.parent.parent.name, int(p.parent.name.split("_")[1])))
-    if not folders:
-        raise InputError(f"{root}: no extracted layers (run experiments/extract.py first)")
-    return [p.parent for p in folders]
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = config_parser(__doc__.splitlines()[0], DEFAULT_MODEL_CONFIG).parse_args(argv)
     cfg = load_yaml(DataConfig, args.config)
     root = Path(args.out) if args.out is not None else cfg.root
     for folder in layer_folders(root):

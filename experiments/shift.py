@@ -18,11 +18,10 @@ import torch
 from atoms.aip import load_aip
 from atoms.config import load_yaml
 from atoms.io import atomic_path
-from atoms.shards import ShardSet
+from atoms.shards import ShardSet, layer_folders
 from atoms.shift import angle_centre, pairwise_angles
-from experiments.common import run
-from experiments.data_config import DataConfig
-from experiments.fit_aip import layer_folders, parser
+from experiments.common import config_parser, run
+from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
 
 
 def sample_rows(folder: Path, n: int, seed: int) -> torch.Tensor:
@@ -67,7 +66,7 @@ def plot(angles: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = config_parser(__doc__.splitlines()[0], DEFAULT_MODEL_CONFIG).parse_args(argv)
     cfg = load_yaml(DataConfig, args.config)
     root = Path(args.out) if args.out is not None else cfg.root
     table, angles = [], {}
