@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from atoms.activations import SITES, HookPoint, check_hook_points, extract_rows
@@ -22,7 +21,14 @@ from atoms.corpus import iter_documents, token_windows
 from atoms.errors import ConfigError, InputError
 from atoms.io import atomic_path, code_version
 from atoms.models import LoadedModel, load_model
-from atoms.shards import Manifest, finished_shards, layer_dir, write_manifest, write_shard
+from atoms.shards import (
+    Manifest,
+    finished_shards,
+    layer_dir,
+    shard_schema,
+    write_manifest,
+    write_shard,
+)
 
 
 @dataclass
@@ -122,11 +128,12 @@ class ShardExtractor:
         """Extract one shard and write it to every hook point's folder."""
         parts = {p: [] for p in self.points}
         token_ids, docs, positions = [], [], []
+        window_docs = torch.tensor(doc_ids)
         for b0, rows in self.extract(input_ids):
             for p in self.points:
                 parts[p].append(rows.activations[p])
             token_ids.append(rows.token_ids)
-            docs.append(torch.tensor(doc_ids)[b0 + rows.window_index])
+            docs.append(window_docs[b0 + rows.window_index])
             positions.append(rows.positions)
         token_ids, docs, positions = (torch.cat(t).numpy() for t in (token_ids, docs, positions))
         tokens = int(input_ids.size)
@@ -167,10 +174,6 @@ def claim_output(cfg: ExtractConfig) -> None:
         tmp.write_text(json.dumps(mine, indent=2))
 
 
-def _shard_width(path: Path) -> int:
-    return pq.read_schema(path).field("activation").type.list_size
-
-
 def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Path]:
     """One manifest per hook point, listing its verified shards."""
     written = []
@@ -183,7 +186,7 @@ def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Pa
         infos = [shards[i] for i in range(n_shards)]
         manifest = Manifest(
             model=cfg.model, revision=revision, site=p.site, layer=p.layer,
-            positions=cfg.positions, d=_shard_width(folder / infos[0].name),
+            positions=cfg.positions, d=shard_schema(folder / infos[0].name)[0],
             dtype=cfg.storage_dtype,
             rows=sum(s.rows for s in infos), tokens_seen=sum(s.tokens for s in infos),
             shards=infos, context_len=cfg.context_len, corpus=cfg.corpus, config=to_dict(cfg),

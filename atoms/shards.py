@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import operator
@@ -26,7 +25,7 @@ import torch
 
 from atoms.config import from_dict, require
 from atoms.errors import ConfigError, InputError
-from atoms.io import atomic_path
+from atoms.io import atomic_path, file_sha256
 from atoms.io import code_version as current_code_version
 
 log = logging.getLogger(__name__)
@@ -171,12 +170,6 @@ def write_shard(folder, index: int, activations, token_ids, doc_ids, positions,
 # ---------------------------------------------------------------------------- reading
 
 
-def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _schema_of(schema: pa.Schema, path: Path) -> tuple[int, str]:
     """(d, dtype) of a shard schema; InputError naming ``path`` if it is not a shard's."""
     for name in ("activation", *INT_COLUMNS):
@@ -193,6 +186,12 @@ def _schema_of(schema: pa.Schema, path: Path) -> tuple[int, str]:
         raise InputError(f"{path}: column 'activation' is {t}, "
                          "expected fixed_size_list<float32|float16>[d]")
     return t.list_size, dtype
+
+
+def shard_schema(path) -> tuple[int, str]:
+    """(d, dtype) of a shard file, from its footer alone."""
+    path = Path(path)
+    return _schema_of(_open_parquet(path).schema_arrow, path)
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:

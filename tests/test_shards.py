@@ -11,10 +11,10 @@ import torch
 
 import atoms.shards as shards
 from atoms.errors import InputError
+from atoms.io import file_sha256
 from atoms.shards import (
     Manifest,
     ShardSet,
-    file_sha256,
     finished_shards,
     layer_dir,
     load_manifest,
