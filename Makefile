@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.train
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

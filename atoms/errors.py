@@ -18,4 +18,11 @@ class ConfigError(AtomsError, ValueError):
 
 
 class TrainingDiverged(AtomsError, RuntimeError):
-    """A non-finite loss or weight appeared during training."""
+    """A non-finite loss or weight appeared during training; ``step`` is the first bad step."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+    def __reduce__(self):
+        return type(self), (str(self), self.step)

@@ -31,10 +31,10 @@ class SAEConfig:
     """Width H of the activations."""
     d_sae: int
     """Number of latents |D| (dictionary size)."""
-    kind: Literal["threshold", "relu"] = "threshold"
-    """'threshold' (JumpReLU TSAE) or 'relu' (ReLU + L1, the 'features' baseline)."""
-    sparsity_loss: Literal["l0", "tanh", "l1"] = "l0"
-    """TSAE: 'l0' (step STE) or 'tanh' (Σ tanh(c·f·‖d‖)); ReLU: 'l1' (Σ f·‖d‖)."""
+    kind: Literal["threshold", "relu", "topk"] = "threshold"
+    """'threshold' (JumpReLU TSAE), 'relu' (ReLU + L1, the 'features' baseline) or 'topk'."""
+    sparsity_loss: Literal["l0", "tanh", "l1", "none"] = "l0"
+    """TSAE: 'l0' (step STE) or 'tanh' (Σ tanh(c·f·‖d‖)); ReLU: 'l1' (Σ f·‖d‖); TopK: 'none'."""
     bandwidth: float = 0.001
     """Rectangle-kernel STE width ε, in units of the normalised input (E‖x‖² = 1)."""
     init_threshold: float = 0.001
@@ -48,13 +48,15 @@ class SAEConfig:
     init_encoder: Literal["transpose", "aip"] = "transpose"
     """Encoder init W_enc = W_decᵀ, or W_enc = S̃ W_decᵀ (the theorem's form)."""
     seed: int = 0
+    k: int = 0
+    """TopK: latents kept per row (required ≥ 1 for kind='topk')."""
 
     def __post_init__(self):
         require(self.d_in >= 1, "d_in", f"must be positive, got {self.d_in}")
         require(self.d_sae >= 1, "d_sae", f"must be positive, got {self.d_sae}")
-        allowed = {"threshold": ("l0", "tanh"), "relu": ("l1",)}[self.kind]
-        if self.kind == "relu" and self.sparsity_loss == "l0":
-            self.sparsity_loss = "l1"
+        allowed = {"threshold": ("l0", "tanh"), "relu": ("l1",), "topk": ("none",)}[self.kind]
+        if self.kind != "threshold" and self.sparsity_loss == "l0":
+            self.sparsity_loss = allowed[0]
         require(
             self.sparsity_loss in allowed,
             "sparsity_loss",
@@ -63,6 +65,9 @@ class SAEConfig:
         require(self.bandwidth > 0, "bandwidth", f"must be positive, got {self.bandwidth}")
         require(self.init_threshold >= 0, "init_threshold", "must be non-negative")
         require(self.tanh_scale > 0, "tanh_scale", "must be positive")
+        if self.kind == "topk":
+            bound = f"must be in [1, d_sae={self.d_sae}], got {self.k}"
+            require(1 <= self.k <= self.d_sae, "k", bound)
 
 
 @dataclass
@@ -282,6 +287,21 @@ class ReLUSAE(SparseAutoencoder):
         return out.codes @ self.W_dec.norm(dim=1)
 
 
+class TopKSAE(SparseAutoencoder):
+    """TopK SAE: codes = TopK_k(ReLU(z)), the k largest rectified pre-activations per row.
+
+    ReLU-then-TopK equals SAELens's TopK-then-ReLU; no sparsity penalty (k fixes L0 ≤ k).
+    """
+
+    def activate(self, pre):
+        values, index = torch.relu(pre).topk(self.cfg.k, dim=-1, sorted=False)
+        codes = torch.zeros_like(pre).scatter(-1, index, values)
+        return codes, (values > 0).sum(-1, dtype=pre.dtype)
+
+    def sparsity_penalty(self, out):
+        return out.codes.new_zeros(out.codes.shape[0])
+
+
 def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
     """The SAE class named by ``cfg.kind``."""
-    return {"threshold": ThresholdSAE, "relu": ReLUSAE}[cfg.kind](cfg)
+    return {"threshold": ThresholdSAE, "relu": ReLUSAE, "topk": TopKSAE}[cfg.kind](cfg)

@@ -111,8 +111,8 @@ def _activations(x, dtype: str) -> np.ndarray:
         raise InputError(f"activations: expected a non-empty (rows, d) array, got {a.shape}")
     if not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).sum())
-        raise InputError(f"activations: {bad} NaN/Inf values as {dtype} (|x| > 65504 overflows "
-                         "float16)")
+        hint = " (|x| > 65504 overflows float16)" if dtype == "float16" else ""
+        raise InputError(f"activations: {bad} NaN/Inf values as {dtype}{hint}")
     return a
 
 

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from atoms.sae import SAEConfig, ThresholdSAE
-from atoms.training import TrainConfig, make_optimizer, train_step
+from atoms.training import SAEObjective, TrainConfig, make_optimizer, train_step
 from benchmarks.common import matmul_gflops, median_seconds, record
 
 SHAPES = [(4096, 576, 2304), (2048, 2304, 9216)]
@@ -24,7 +24,9 @@ def step_seconds(b: int, d: int, n: int, repeats: int) -> float:
     sae = ThresholdSAE(SAEConfig(d_in=d, d_sae=n, bandwidth=0.01, init_threshold=0.01))
     optimizer = make_optimizer(sae, TrainConfig())
     x = torch.randn(b, d) / d**0.5
-    return median_seconds(lambda: train_step(sae, optimizer, x, 1e-3), repeats, warmup=2)
+    objective = SAEObjective(sae)
+    return median_seconds(lambda: train_step(objective, sae, optimizer, x, 1e-3), repeats,
+                          warmup=2)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def test_round_trip():
             "sae.d_sae: expected an integer, got 'big'",
         ),
         (
-            {"name": "a", "sae": {"d_in": 4, "d_sae": 8, "kind": "topk"}},
+            {"name": "a", "sae": {"d_in": 4, "d_sae": 8, "kind": "gated"}},
             "sae.kind: expected one of",
         ),
         ({"name": "a", "sae": {"d_in": 4}}, "sae.d_sae: required field is missing"),
