@@ -110,11 +110,11 @@ class Prepared:
         sae = build_sae(self.sae_cfg)
         sae.input_scale.fill_(self.input_scale)
         if self.aip_path is not None:
-            sae.set_metric(load_aip(self.aip_path))
+            sae.set_metric(load_aip(self.aip_path)[0])
         return sae
 
     def aip(self) -> AIP | None:
-        return load_aip(self.aip_path) if self.aip_path is not None else None
+        return load_aip(self.aip_path)[0] if self.aip_path is not None else None
 
     def metadata(self) -> dict:
         return {"data": str(self.split.folder), "holdout_shards": self.job.run.holdout_shards}

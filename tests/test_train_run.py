@@ -191,3 +191,25 @@ def test_the_train_command_prints_where_the_sae_is(shard_set, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "sae.d_sae: must be positive" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_aip_beside_the_shards_is_used_for_r2_and_decoder_norms(tmp_path):
+    from atoms.aip import AIP, SecondMoment, save_aip
+    from atoms.batches import read_rows
+
+    folder = synthetic_shard_set(tmp_path / "shards", rows=4096, shards=4)
+    split = DataSplit.of(folder)
+    moment = SecondMoment(32)
+    moment.update(read_rows(split.train, 32, split.train_rows))
+    save_aip(AIP.from_moment(moment), folder / "aip.safetensors", {})
+    m = train_local(job(folder, tmp_path / "run", sae={"decoder_norm": "aip"},
+                        train={"steps": 40}, run={"eval_every": 0}), progress=False)
+    assert m["aip"] == str(folder / "aip.safetensors")
+    assert m["eval_r2_aip_centred"] != pytest.approx(m["eval_r2_euclid_centred"], abs=1e-4)
+    sae = load_sae(m["sae_path"])
+    assert not torch.equal(sae.metric, torch.eye(32))
+    assert torch.allclose(sae.decoder_norms(), torch.ones(64), atol=1e-4)
+    m2 = train_local(job(folder, tmp_path / "none", train={"steps": 40},
+                         run={"eval_every": 0, "aip": "none"}), progress=False)
+    assert m2["aip"] is None
+    assert m2["eval_r2_aip_centred"] == pytest.approx(m2["eval_r2_euclid_centred"])
