@@ -132,7 +132,7 @@ def _worker(config: dict) -> None:
         step = t.state.step
         timer.tick(step)
         inject_fault(t, run, prep.out, last_worker=rank == world - 1)
-        do_eval = run.eval_every and step % run.eval_every == 0 and step < cfg.steps
+        do_eval = step % prep.eval_every == 0 and step < cfg.steps
         do_checkpoint = step % run.checkpoint_every == 0 and step < cfg.steps
         if not (do_eval or do_checkpoint):
             return

@@ -49,7 +49,8 @@ class RunConfig:
     eval_rows: int = 16384
     """Rows of held-out data (and of training data, for train R²) per evaluation."""
     eval_every: int = 0
-    """Steps between held-out evaluations (0: at the end only)."""
+    """Steps between held-out evaluations (0: once per pass over the training rows); the
+    final evaluation always runs."""
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     aip: str = "auto"
@@ -76,6 +77,7 @@ class RunConfig:
     def __post_init__(self):
         require(self.holdout_shards >= 1, "holdout_shards", "must be at least 1")
         require(self.eval_rows >= 1, "eval_rows", "must be positive")
+        require(self.eval_every >= 0, "eval_every", "must be non-negative")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be positive")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
         require(self.workers >= 1, "workers", "must be at least 1")
@@ -105,6 +107,11 @@ class Prepared:
     @property
     def out(self) -> Path:
         return Path(self.job.run.out)
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between held-out evaluations: ``run.eval_every``, or one epoch when 0."""
+        return self.job.run.eval_every or max(1, self.split.train_rows // self.job.train.batch_size)
 
     def new_sae(self) -> SparseAutoencoder:
         sae = build_sae(self.sae_cfg)
@@ -279,7 +286,7 @@ def train_local(job: TrainJob, progress: bool = True) -> dict:
         step = t.state.step
         timer.tick(step)
         inject_fault(t, run, prep.out, last_worker=True)
-        if run.eval_every and step % run.eval_every == 0 and step < cfg.steps:
+        if step % prep.eval_every == 0 and step < cfg.steps:
             t.state.evals.append({"step": step, **evaluate(t.sae, holdout, aip)})
         if step % run.checkpoint_every == 0 or step == cfg.steps:
             t.flush()  # a non-finite loss stops here, before it can reach a checkpoint

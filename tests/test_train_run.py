@@ -212,4 +212,5 @@ def test_an_aip_beside_the_shards_is_used_for_r2_and_decoder_norms(tmp_path):
     m2 = train_local(job(folder, tmp_path / "none", train={"steps": 40},
                          run={"eval_every": 0, "aip": "none"}), progress=False)
     assert m2["aip"] is None
+    assert [e["step"] for e in m2["evals"]] == [12, 24, 36]  # once per epoch of 3072 rows
     assert m2["eval_r2_aip_centred"] == pytest.approx(m2["eval_r2_euclid_centred"])
