@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from atoms.errors import InputError
-from atoms.shards import ShardSet
+from atoms.shards import ShardSet, iter_activation_chunks
 from atoms.validation import as_rows, check_finite
 
 
@@ -69,18 +69,11 @@ class ShardBatches:
         self.seed, self.rank, self.world = seed, rank, world
         self.shuffle_rows = max(shuffle_rows, batch_size)
 
-    def _rows(self, files: list[Path]) -> Iterator[np.ndarray]:
-        for path in files:
-            with pq.ParquetFile(path) as pf:
-                for rb in pf.iter_batches(batch_size=8192, columns=["activation"]):
-                    flat = rb.column(0).flatten().to_numpy(zero_copy_only=False)
-                    yield flat.reshape(-1, self.d)
-
     def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
         files = epoch_files(self.paths, self.seed, epoch, self.rank, self.world)
         gen = epoch_generator(self.seed, epoch, self.rank)
         b, pending, held = self.batch_size, [], 0
-        for chunk in self._rows(files):
+        for chunk in (c for f in files for c in iter_activation_chunks(f, self.d, 8192)):
             pending.append(chunk)
             held += len(chunk)
             if held >= self.shuffle_rows:
@@ -140,16 +133,10 @@ def parquet_rows(paths: list[Path]) -> int:
 def read_rows(paths: list[Path], d: int, max_rows: int) -> torch.Tensor:
     """The first ``max_rows`` rows of ``paths`` read in order, as float32 (checked finite)."""
     out, have = [], 0
-    for path in paths:
-        with pq.ParquetFile(path) as pf:
-            for rb in pf.iter_batches(batch_size=65536, columns=["activation"]):
-                flat = rb.column(0).flatten().to_numpy(zero_copy_only=False)
-                out.append(torch.from_numpy(np.array(flat, dtype=np.float32).reshape(-1, d)))
-                have += len(out[-1])
-                if have >= max_rows:
-                    break
-        if have >= max_rows:
-            break
+    chunks = (c for path in paths for c in iter_activation_chunks(path, d))
+    while have < max_rows and (chunk := next(chunks, None)) is not None:
+        out.append(torch.from_numpy(chunk.astype(np.float32, copy=False)))
+        have += len(chunk)
     x = torch.cat(out)[:max_rows]
     check_finite(x, str(paths[0].parent))
     return x

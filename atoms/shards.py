@@ -224,6 +224,13 @@ def _activation_numpy(arr, d: int) -> np.ndarray:
     return _numpy(_column(arr).flatten()).reshape(-1, d)
 
 
+def iter_activation_chunks(path, d: int, rows: int = _READ_ROWS) -> Iterator[np.ndarray]:
+    """One shard's activations as consecutive (≤ rows, d) arrays in its stored dtype."""
+    with _open_parquet(Path(path)) as pf:
+        for batch in pf.iter_batches(batch_size=rows, columns=["activation"]):
+            yield _activation_numpy(batch.column(0), d)
+
+
 def read_shard(path) -> dict[str, np.ndarray]:
     """One shard's columns: ``activation`` (rows, d) in its stored dtype, ``token_id``,
     ``doc_id``, ``position``; zero-copy, writable views of the decoded Arrow memory."""
@@ -431,9 +438,7 @@ class ShardSet:
     def _chunks(self) -> Iterator[np.ndarray]:
         """(n, d) activation arrays of every shard, in shard order."""
         for path in self.paths:
-            with _open_parquet(path) as pf:
-                for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=["activation"]):
-                    yield _activation_numpy(batch.column(0), self.d)
+            yield from iter_activation_chunks(path, self.d)
 
     def read_all(self, dtype=torch.float32) -> torch.Tensor:
         """All rows, (rows, d), shards concatenated in order."""
