@@ -1,25 +1,24 @@
 """Training checkpoints: an SAE folder in the SAELens layout plus the trainer's state.
 
-A checkpoint folder holds ``cfg.json``, ``sae_weights.safetensors`` and ``checksums.json``
-(``atoms.sae_io``: SAELens tools load it as it is), ``trainer_state.pt`` (optimiser, data
-position, RNG, history) and, written last, ``checkpoint.json`` (step and the state's sha256).
-The folder is built under a temporary name and renamed into place, so a folder with that name
-is always complete; loading re-checks every checksum.
+A checkpoint folder holds ``cfg.json`` and ``sae_weights.safetensors`` (``atoms.sae_io``, the
+SAELens layout), ``trainer_state.pt`` (optimiser, data position, RNG, history),
+``checkpoint.json`` (step, metadata) and ``checksums.json`` over all of them. It is built under a
+temporary name and renamed into place (``atomic_folder``), so a folder with that name is always
+complete; loading re-checks every checksum.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from atoms.errors import InputError, TrainingDiverged
-from atoms.io import code_version, file_sha256
+from atoms.io import code_version
 from atoms.sae import SAEConfig, SparseAutoencoder
-from atoms.sae_io import load_sae, save_sae
+from atoms.sae_io import atomic_folder, load_sae, write_sae_files
 
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_JSON = "checkpoint.json"
@@ -42,23 +41,11 @@ def write_checkpoint(sae: SparseAutoencoder, payload: dict, folder, metadata: di
         if not torch.isfinite(p).all():
             raise TrainingDiverged(f"training: non-finite {name} at step {step}; "
                                    "checkpoint not written", step=step)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_sae(sae, tmp, metadata)
+    with atomic_folder(folder) as tmp:
+        write_sae_files(sae, tmp, metadata, name=folder)
         torch.save(payload, tmp / TRAINER_STATE)
-        info = {"step": step, "trainer_state_sha256": file_sha256(tmp / TRAINER_STATE),
-                "code_version": code_version(), "metadata": metadata or {}}
+        info = {"step": step, "code_version": code_version(), "metadata": metadata or {}}
         (tmp / CHECKPOINT_JSON).write_text(json.dumps(info, indent=1))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -81,14 +68,11 @@ def load_checkpoint(folder, expect: SAEConfig | None = None
     """
     folder = Path(folder)
     checkpoint_step(folder)
-    info = json.loads((folder / CHECKPOINT_JSON).read_text())
     state = folder / TRAINER_STATE
+    sae = load_sae(folder, expect)  # verifies checksums.json, which lists trainer_state.pt
     if not state.exists():
         raise InputError(f"{state}: missing")
-    if file_sha256(state) != info.get("trainer_state_sha256"):
-        raise InputError(f"{state}: sha256 does not match {folder / CHECKPOINT_JSON}")
-    sae = load_sae(folder, expect)
-    payload = torch.load(state, map_location="cpu", weights_only=True)
+    payload = torch.load(state, map_location="cpu", weights_only=True)  # tensors and plain data
     return sae, payload
 
 
@@ -101,7 +85,7 @@ def find_checkpoints(root, pattern: str = "step_*") -> list[Path]:
 
 def prune_checkpoints(root, keep: int) -> None:
     """Delete all but the newest ``keep`` finished checkpoints (and stale temporaries)."""
-    for stale in Path(root).glob(".step_*.tmp-*"):
+    for stale in [*Path(root).glob(".step_*.tmp"), *Path(root).glob(".step_*.old")]:
         shutil.rmtree(stale, ignore_errors=True)
     for old in find_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)

@@ -93,7 +93,8 @@ class LossTerms:
     sparsity: torch.Tensor
     """Mean over rows of the sparsity penalty (before its coefficient)."""
     total: torch.Tensor
-    l0: float
+    l0: torch.Tensor
+    """Mean active latents per row (detached; a tensor, so no device sync per step)."""
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -206,7 +207,7 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         mse = (out.recon_norm - out.x_norm).pow(2).sum(-1).mean()
         sparsity = self.sparsity_penalty(out).mean()
         total = mse + sparsity_coeff * sparsity
-        return LossTerms(mse, sparsity, total, float(out.l0.detach().mean()))
+        return LossTerms(mse, sparsity, total, out.l0.detach().mean())
 
     @abc.abstractmethod
     def sparsity_penalty(self, out: SAEOutput) -> torch.Tensor:

@@ -171,15 +171,17 @@ def _folded(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     return {k: v.float().cpu().contiguous().clone() for k, v in out.items()}
 
 
-def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict | None = None) -> Path:
-    """Write ``sae`` to ``folder`` atomically in the SAELens layout; returns the folder."""
-    folder = Path(folder)
+def write_sae_files(sae: SparseAutoencoder, folder: Path, metadata: dict | None = None,
+                    name: Path | None = None) -> None:
+    """cfg.json, sae_weights.safetensors (and the metric) into an existing ``folder``; errors
+    name ``name`` (the final folder) when given. Callers make it atomic (``atomic_folder``)."""
     s = float(sae.input_scale)
+    folder, name = Path(folder), name or Path(folder)
     if not (np.isfinite(s) and s > 0):
-        raise InputError(f"{folder}: input_scale must be positive and finite, got {s}")
+        raise InputError(f"{name}: input_scale must be positive and finite, got {s}")
     if sae.cfg.kind == "threshold" and bool((sae.threshold < 0).any()):
         # SAELens gates on relu(θ); a negative θ would change its codes (call constrain_()).
-        raise InputError(f"{folder}: threshold has negative entries; SAELens clamps θ at 0")
+        raise InputError(f"{name}: threshold has negative entries; SAELens clamps θ at 0")
     # SAELens v6 SAEConfig.to_dict keys (sae_lens/saes/sae.py); 'sae_lens_version' ≥ 6 stops
     # handle_config_defaulting (loading/pretrained_sae_loaders.py) from the pre-6 conversion.
     meta = {"sae_lens_version": "6.0.0", "sae_lens_training_version": "6.0.0",
@@ -193,11 +195,17 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict | None =
     cfg["atoms"] = {"sae_config": to_dict(sae.cfg), "input_scale": s,
                     "code_version": code_version()}
     metric = sae.metric.detach().float().cpu()
+    (folder / CFG).write_text(json.dumps(cfg, indent=1) + "\n")
+    save_file(_folded(sae), folder / WEIGHTS)
+    if not torch.equal(metric, torch.eye(sae.cfg.d_in)):
+        save_file({"metric": metric.contiguous()}, folder / METRIC)
+
+
+def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict | None = None) -> Path:
+    """Write ``sae`` to ``folder`` atomically in the SAELens layout; returns the folder."""
+    folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        (tmp / CFG).write_text(json.dumps(cfg, indent=1) + "\n")
-        save_file(_folded(sae), tmp / WEIGHTS)
-        if not torch.equal(metric, torch.eye(sae.cfg.d_in)):
-            save_file({"metric": metric.contiguous()}, tmp / METRIC)
+        write_sae_files(sae, tmp, metadata, name=folder)
     return folder
 
 

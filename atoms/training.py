@@ -92,10 +92,8 @@ class SAEObjective(nn.Module):
 
     def forward(self, x: torch.Tensor, coeff: float):
         out = self.sae(x)
-        mse = (out.recon_norm - out.x_norm).pow(2).sum(-1).mean()
-        loss = mse + coeff * self.sae.sparsity_penalty(out).mean()
-        codes = out.codes.detach()
-        return loss, mse.detach(), out.l0.detach().mean(), (codes != 0).any(0)
+        terms = self.sae.loss(out, coeff)
+        return terms.total, terms.mse.detach(), terms.l0, (out.codes.detach() != 0).any(0)
 
 
 def train_step(
