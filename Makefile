@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export OPENBLAS_NUM_THREADS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo synthetic test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) experiments/scaling.py
+
+synthetic: $(STAMP)
 	$(PY) experiments/synthetic.py
 
 test: $(STAMP)
@@ -32,6 +35,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks.sweep
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

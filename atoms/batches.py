@@ -12,6 +12,7 @@ same (seed, epoch, rank, world) always yields the same batches, so a run resumed
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,8 @@ class DataSplit:
     train_rows: int
     holdout: list[Path]
     holdout_rows: int
+    row_limit: int = 0
+    """Set by ``limit``: train on the first this-many rows only (0: all)."""
 
     @classmethod
     def of(cls, folder, holdout_shards: int = 1, verify: bool = True) -> DataSplit:
@@ -115,6 +118,22 @@ class DataSplit:
         rows = [i.rows for i in infos]
         return cls(Path(folder), shards.d, shards.paths[:cut], sum(rows[:cut]),
                    shards.paths[cut:], sum(rows[cut:]))
+
+    def limit(self, rows: int, field: str = "run.train_rows") -> DataSplit:
+        """The first ``rows`` training rows (in document order): the shard prefix that holds
+        them, with ``train_rows`` = ``rows``; readers in memory stop there exactly, streaming
+        readers use the whole prefix (recorded as ``parquet_rows(train)``)."""
+        if not 1 <= rows <= self.train_rows:
+            raise InputError(f"{field}: {rows} rows asked for but {self.folder} has "
+                             f"{self.train_rows} training rows (after holding out "
+                             f"{len(self.holdout)} shards)")
+        paths, have = [], 0
+        for path in self.train:
+            if have >= rows:
+                break
+            paths.append(path)
+            have += parquet_rows([path])
+        return dataclasses.replace(self, train=paths, train_rows=rows, row_limit=rows)
 
     def check_d(self, d_in: int, field: str = "sae.d_in") -> None:
         if d_in != self.d:

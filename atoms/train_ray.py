@@ -33,7 +33,7 @@ from atoms.train_run import (
     finished_metrics,
     inject_fault,
     prepare,
-    train_sample_paths,
+    train_sample,
     write_diverged,
     write_final,
 )
@@ -80,7 +80,10 @@ def worker_source(prep: Prepared, rank: int, world: int, device: torch.device):
     if parquet_rows(mine) * split.d * 4 <= run.in_memory_gb * 2**30:
         parts = [b["activation"] for b in _dataset(mine).iter_torch_batches(
             batch_size=65536, dtypes=torch.float32)]
-        return TensorBatches(torch.cat(parts).to(device), local_batch, cfg.seed, rank)
+        rows = torch.cat(parts)
+        if split.row_limit:  # |M| rows over the world: each rank keeps its share
+            rows = rows[: split.row_limit // world]
+        return TensorBatches(rows.to(device), local_batch, cfg.seed, rank)
     return RayShardBatches(split.train, local_batch, cfg.seed, rank, world, run.shuffle_rows,
                            device)
 
@@ -156,7 +159,7 @@ def _worker(config: dict) -> None:
     metrics = {"step": trainer.state.step}
     dead = float(trainer.dead().float().mean())  # collective: every rank takes part
     if rank == 0:
-        train_rows = read_rows(train_sample_paths(split), split.d, run.eval_rows)
+        train_rows = train_sample(split, run.eval_rows)
         metrics.update(final_metrics(prep, trainer, holdout.to(device), train_rows.to(device),
                                      dead))
     _report(metrics, trainer, rank, meta)

@@ -65,6 +65,8 @@ class RunConfig:
     """Ray Train restarts from the last checkpoint after a worker failure, this many times."""
     shuffle_rows: int = 65536
     """Shuffle buffer when streaming shards."""
+    train_rows: int = 0
+    """Train on the first this-many training rows only (0: all): the data scale |M|."""
     in_memory_gb: float = 4.0
     """Plain executor: hold the training rows in memory when they fit in this many GB."""
     torch_threads: int = 0
@@ -81,6 +83,7 @@ class RunConfig:
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be positive")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
         require(self.workers >= 1, "workers", "must be at least 1")
+        require(self.train_rows >= 0, "train_rows", "must be non-negative (0: all rows)")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
 
 
@@ -143,6 +146,8 @@ def prepare(job: TrainJob) -> Prepared:
     input scale s (E‖s·x‖² = 1 on up to 16k training rows) so every executor uses the same."""
     run = job.run
     split = DataSplit.of(run.data, run.holdout_shards)
+    if run.train_rows:
+        split = split.limit(run.train_rows)
     sae_dict = {"seed": job.train.seed, **job.sae}
     if "d_in" in sae_dict:
         split.check_d(sae_dict["d_in"])
@@ -157,7 +162,7 @@ def prepare(job: TrainJob) -> Prepared:
     if job.train.batch_size // workers > split.train_rows // workers:
         raise InputError(f"train.batch_size: {job.train.batch_size} is more than the "
                          f"{split.train_rows} training rows in {split.folder}")
-    sample = read_rows(split.train[:: max(1, len(split.train) // 8)], split.d, 16384)
+    sample = train_sample(split, 16384)
     mean_sq = float(sample.double().pow(2).sum(1).mean())
     scale = 1.0 / math.sqrt(mean_sq) if mean_sq > 0 else 1.0
     return Prepared(job, split, sae_cfg, _aip_path(run), scale)
@@ -205,9 +210,12 @@ def inject_fault(trainer: Trainer, run: RunConfig, out: Path, last_worker: bool)
         raise RuntimeError(f"injected failure at step {run.fault_step}")
 
 
-def train_sample_paths(split: DataSplit) -> list[Path]:
-    """Training shards spread over the set, for train-R² evaluation."""
-    return split.train[:: max(1, len(split.train) // 4)]
+def train_sample(split: DataSplit, rows: int) -> torch.Tensor:
+    """Training rows for train-R²: spread over the shards, or the first rows of a split
+    limited to |M| rows (so the sample never reaches past what was trained on)."""
+    if split.row_limit:
+        return read_rows(split.train, split.d, min(rows, split.row_limit))
+    return read_rows(split.train[:: max(1, len(split.train) // 4)], split.d, rows)
 
 
 def finished_metrics(out) -> dict | None:
@@ -301,7 +309,7 @@ def train_local(job: TrainJob, progress: bool = True) -> dict:
         msg = write_diverged(prep.out, e, str(last[-1]) if last else None)
         raise TrainingDiverged(msg, step=e.step) from None
     seconds = time.perf_counter() - start
-    train_rows = read_rows(train_sample_paths(split), split.d, run.eval_rows)
+    train_rows = train_sample(split, run.eval_rows)
     dead = float(trainer.dead().float().mean())
     metrics = final_metrics(prep, trainer, holdout, train_rows, dead)
     write_final(prep, trainer.sae, trainer.state, metrics,

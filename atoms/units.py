@@ -122,15 +122,21 @@ LOOKED_FOR = ("a folder with cfg.json + sae_weights.safetensors (ours/SAELens)",
               "params.npz or a .safetensors with W_enc and threshold (Gemma Scope)")
 
 
-def load_unit_set(path: str | Path, kind: UnitKind = "features", name: str | None = None
-                  ) -> UnitSet:
-    """Detect the SAE layout at ``path`` and return its units."""
+def load_any_sae(path: str | Path) -> tuple[SparseAutoencoder, str]:
+    """Detect the SAE layout at ``path`` and load it; returns (sae, layout)."""
     path = Path(path)
     layout = _detect(path)
     if layout is None:
         raise InputError(f"{path}: no SAE found (looked for {'; '.join(LOOKED_FOR)})")
     loader = {"saelens": load_sae, "sparsify": import_sparsify,
               "llama_scope": import_llama_scope, "gemma_scope": import_gemma_scope}[layout]
-    sae = loader(path)
+    return loader(path), layout
+
+
+def load_unit_set(path: str | Path, kind: UnitKind = "features", name: str | None = None
+                  ) -> UnitSet:
+    """Detect the SAE layout at ``path`` and return its units."""
+    path = Path(path)
+    sae, layout = load_any_sae(path)
     label = name or (path.stem if path.is_file() else path.name)
     return UnitSet.from_sae(sae, label, kind, f"{layout}:{path}")

@@ -1,0 +1,163 @@
+"""The scaling study: atoms vs features vs neurons, and R² over dictionary size × data scale.
+
+    python experiments/scaling.py [--config experiments/configs/scaling/smollm2-135m-demo.yaml]
+    ray job submit -- python experiments/scaling.py --config ...      # on a Ray cluster
+
+From one YAML config: extract (or reuse) one layer's activations, fit the AIP S̃, then run every
+trial of the grid |D| × |M| × seed × λ (λ gridded or proposed by Optuna) plus the baselines
+(neurons, random directions, ReLU-L1 features, imported SAEs) through Ray Tune. Each finished
+trial writes its rows to <out>/rows/; a rerun skips finished trials and does the rest. Ends
+with <out>/results.parquet and <out>/summary.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from analysis.summary import summarise
+from atoms.aip import AIP, save_aip
+from atoms.batches import DataSplit, read_rows
+from atoms.config import to_dict
+from atoms.distributed import ensure_ray, fit_second_moment, run_extraction
+from atoms.errors import AtomsError
+from atoms.io import atomic_path, code_version
+from atoms.results import ResultStore
+from atoms.shards import layer_dir, load_manifest
+from atoms.study import StudyConfig, Trial, cells, check_scale
+from atoms.sweep import run_sweep
+from atoms.trial import StudyContext
+from experiments.common import CONFIGS, config_parser, load_config, run
+
+DEFAULT_CONFIG = CONFIGS / "scaling" / "smollm2-135m-demo.yaml"
+
+
+class StudyIncomplete(AtomsError):
+    """Some trials failed; their rows are missing until a rerun completes them."""
+
+
+def planned_split(cfg: StudyConfig) -> tuple[int, int]:
+    """(training rows, held-out rows) the extraction will give, assuming the corpus is long
+    enough: the |M| check runs on this before any work, then again on the real shards."""
+    ex = cfg.data.extract
+    windows = ex.max_tokens // ex.context_len
+    per_window = {"all": ex.context_len, "last": 1,
+                  "no_bos": ex.context_len - int(ex.prepend_bos)}[ex.positions]
+    shards = -(-windows // ex.windows_per_shard)
+    if cfg.data.holdout_shards >= shards:
+        return 0, 0
+    held_windows = windows - (shards - cfg.data.holdout_shards) * ex.windows_per_shard
+    return (windows - held_windows) * per_window, held_windows * per_window
+
+
+def shard_folder(cfg: StudyConfig, progress: bool) -> Path:
+    """The study's shard folder: given, or extracted now (finished shards are kept)."""
+    if cfg.data.shards:
+        return Path(cfg.data.shards)
+    ex = cfg.data.extract
+    run_extraction(ex, progress=progress)
+    return layer_dir(ex.out, ex.sites[0], ex.layers[0])
+
+
+def ensure_aip(cfg: StudyConfig, folder: Path, progress: bool) -> Path:
+    """``<folder>/aip.safetensors``, fitted from every shard when missing."""
+    path = folder / "aip.safetensors"
+    if not path.exists():
+        manifest = load_manifest(folder)
+        moment = fit_second_moment(folder, centred=False, progress=progress)
+        aip = AIP.from_moment(moment, cfg.data.aip_floor, allow_floor=False)
+        save_aip(aip, path, {"model": manifest.model, "site": manifest.site,
+                             "layer": manifest.layer, "rows": moment.n, "centred": False})
+        print(f"fitted S̃ on {moment.n} rows (condition number {aip.condition_number:.3g})")
+    return path
+
+
+def context(cfg: StudyConfig, folder: Path, aip_path: Path) -> StudyContext:
+    folder = folder.resolve()
+    split = DataSplit.of(folder, cfg.data.holdout_shards)
+    check_scale(cfg, split.train_rows, split.holdout_rows, str(folder))
+    held = read_rows(split.holdout, split.d, cfg.data.validation_rows + cfg.data.test_rows)
+    manifest = load_manifest(folder)
+    meta = {"model": manifest.model, "revision": manifest.revision, "site": manifest.site,
+            "layer": manifest.layer, "positions": manifest.positions,
+            "data_folder": str(folder), "code_version": code_version(),
+            "study_config": json.dumps(to_dict(cfg), sort_keys=True)}
+    threads = max(1, int(cfg.execution.cpus_per_trial))
+    return StudyContext(cfg, str(folder), split.d, str(aip_path.resolve()),
+                        held[: cfg.data.validation_rows].clone(),
+                        held[cfg.data.validation_rows:].clone(), meta, threads)
+
+
+def plan(cfg: StudyConfig, h: int, store: ResultStore):
+    """(pending trials by cell, finished Optuna samples by cell as (λ, objective), counts)."""
+    finished = store.finished()
+    pending, done = {}, {}
+    for cell, trials in cells(cfg, h).items():
+        todo = [t for t in trials if t.key not in finished]
+        if todo:
+            pending[cell] = todo
+        done[cell] = [(float(f["sparsity_coeff"].iloc[0]), float(f["objective"].iloc[0]))
+                      for t in trials if t.family in ("tsae", "relu") and t.coeff is None
+                      and (f := finished.get(t.key)) is not None]
+    total = sum(len(t) for t in cells(cfg, h).values())
+    return pending, done, total
+
+
+def write_plan(cfg: StudyConfig, out: Path, pending: dict[str, list[Trial]], total: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "study.json") as tmp:
+        tmp.write_text(json.dumps({"config": to_dict(cfg), "trials": total,
+                                   "pending": [dataclasses.asdict(t) for v in pending.values()
+                                               for t in v]}, indent=1))
+
+
+def precheck(cfg: StudyConfig) -> None:
+    """Every check that needs no model and no Ray: |M| and held-out sizes against the rows
+    that exist (or that the extraction will give), and the grid against H."""
+    ex = cfg.data.extract
+    folder = Path(cfg.data.shards) if cfg.data.shards else layer_dir(
+        ex.out, ex.sites[0], ex.layers[0])
+    if (folder / "manifest.json").exists() or cfg.data.shards:
+        split = DataSplit.of(folder, cfg.data.holdout_shards, verify=False)
+        check_scale(cfg, split.train_rows, split.holdout_rows, str(folder))
+        cells(cfg, split.d)
+    else:
+        train, held = planned_split(cfg)
+        check_scale(cfg, train, held, f"data.extract (max_tokens={ex.max_tokens})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = config_parser(__doc__.splitlines()[0], DEFAULT_CONFIG).parse_args(argv)
+    cfg = load_config(StudyConfig, args)
+    cfg.out = str(Path(cfg.out).resolve())  # trials run in other working directories
+    progress = not args.quiet
+    start = time.perf_counter()
+    precheck(cfg)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    ensure_ray(progress=False)
+    folder = shard_folder(cfg, progress)
+    aip_path = ensure_aip(cfg, folder, progress)
+    ctx = context(cfg, folder, aip_path)
+    store = ResultStore(cfg.out)
+    pending, done, total = plan(cfg, ctx.h, store)
+    n_pending = sum(len(v) for v in pending.values())
+    print(f"study {cfg.name}: {total} trials, {total - n_pending} finished, {n_pending} to run "
+          f"(H = {ctx.h}, {folder})", flush=True)
+    write_plan(cfg, Path(cfg.out), pending, total)
+    failed = run_sweep(ctx, pending, done, progress=progress)
+    table_path = store.write_table()
+    summary_path = summarise(store.table(), Path(cfg.out))
+    print(summary_path.read_text())
+    print(f"results: {table_path}\nsummary: {summary_path}\n"
+          f"wall time {time.perf_counter() - start:.0f} s")
+    if failed:
+        raise StudyIncomplete(f"{len(failed)} trials failed ({', '.join(failed[:5])}); rerun "
+                              "the same command to retry them")
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
