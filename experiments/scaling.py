@@ -24,7 +24,7 @@ from atoms.aip import AIP, save_aip
 from atoms.batches import DataSplit, read_rows
 from atoms.config import to_dict
 from atoms.distributed import ensure_ray, fit_second_moment, run_extraction
-from atoms.errors import AtomsError
+from atoms.errors import AtomsError, ConfigError
 from atoms.io import atomic_path, code_version
 from atoms.results import ResultStore
 from atoms.shards import layer_dir, load_manifest
@@ -118,6 +118,9 @@ def write_plan(cfg: StudyConfig, out: Path, pending: dict[str, list[Trial]], tot
 def precheck(cfg: StudyConfig) -> None:
     """Every check that needs no model and no Ray: |M| and held-out sizes against the rows
     that exist (or that the extraction will give), and the grid against H."""
+    for p in cfg.baselines.pretrained:
+        if not Path(p.path).exists():
+            raise ConfigError(f"baselines.pretrained: {p.name}: {p.path} does not exist")
     ex = cfg.data.extract
     folder = Path(cfg.data.shards) if cfg.data.shards else layer_dir(
         ex.out, ex.sites[0], ex.layers[0])

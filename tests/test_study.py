@@ -203,6 +203,28 @@ def test_trials_write_one_row_per_unit_set_and_resume(tmp_path, shards):
     assert len(table) == 3 and table["trial_key"].is_unique
 
 
+def test_an_imported_sae_is_judged_as_features(tmp_path, shards):
+    from atoms.sae import SAEConfig, ThresholdSAE
+    from atoms.sae_io import save_sae
+
+    path = save_sae(ThresholdSAE(SAEConfig(d_in=32, d_sae=48)), tmp_path / "imported")
+    ctx = context_for(tmp_path, shards, **{"baselines.pretrained": [
+        {"name": "imported", "path": str(path)}]})
+    trial = cells(ctx.cfg, ctx.h)["pretrained-imported"][0]
+    assert execute_trial(ctx, trial)["status"] == "finished"
+    row = ResultStore(ctx.out).finished()[trial.key].iloc[0]
+    assert (row["unit_set"], row["unit_kind"], row["n_units"]) == ("imported", "features", 48)
+    assert row["unit_source"].startswith("saelens:") and pd.notna(row["r2_euclid_centred"])
+
+
+def test_a_missing_pretrained_sae_fails_before_work(tmp_path, shards, capsys):
+    data = study_dict(shards, tmp_path / "out", **{"baselines.pretrained": [
+        {"name": "gone", "path": str(tmp_path / "nowhere")}]})
+    code, err = run_cli(write_config(tmp_path, data), capsys)
+    assert code == 2 and "baselines.pretrained" in err and "nowhere" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_diverging_trial_leaves_a_diverged_row(tmp_path, shards, monkeypatch):
     import atoms.trial
 
