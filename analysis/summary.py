@@ -97,6 +97,10 @@ def claims(best: pd.DataFrame, steps: pd.DataFrame) -> list[str]:
                          f"{o['r2_euclid_centred']:.3f}, L0 {o['l0_mean']:.0f})")
     for _, s in steps.iterrows():
         verdict = "a jump" if s["jump"] else "no jump"
+        if s["at_d_over_h"] is None:  # a single |D|: no neighbours to compare
+            lines.append(f"- |M| = {int(s['train_rows'])}: one |D| only, R² "
+                         f"{_fmt(s['r2_max'])}")
+            continue
         lines.append(f"- |M| = {int(s['train_rows'])}: {verdict} (largest rise "
                      f"{_fmt(s['largest_rise'])} reaching |D| = {_fmt(s['at_d_over_h'])}H; R² "
                      f"{_fmt(s['r2_min'])}–{_fmt(s['r2_max'])})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,25 @@ def test_killed_study_reruns_to_exactly_one_row_per_trial_and_unit_set(tmp_path)
     assert atoms["sparsity_coeff"].between(cfg.sparsity.low, cfg.sparsity.high).all()
     assert atoms["status"].eq("finished").all() and atoms["r2_euclid_centred"].gt(0).all()
     assert (Path(cfg.out) / "summary.md").read_text().count("|M| = ") == 2
+
+
+def test_a_trial_can_be_a_ray_train_run_inside_tune(tmp_path):
+    """execution.trial_executor: ray (the GPU-cluster mode), one cell, on CPU workers."""
+    path, _ = tiny_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["grid"].update(d_sae=[1], train_rows=[256])
+    data["sparsity"] = {"search": "grid", "values": [1e-3]}
+    data["baselines"] = {"neurons": False, "random": False, "relu": False}
+    data["execution"] = {"trial_executor": "ray", "workers": 1, "cpus_per_trial": 0.5}
+    path.write_text(yaml.safe_dump(data))
+    done = subprocess.run(study_command(path), cwd=ROOT, env=local_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_parquet(Path(data["out"]) / "results.parquet")
+    assert table["trial_key"].tolist() == ["tsae-D64-M256-s0-l0.001"]
+    run = Path(data["out"]) / "trials" / table["trial_key"].item()
+    assert json.loads((run / "metrics.json").read_text())["timings"]["executor"] == "ray"
+    assert (run / "ray").is_dir() and table["r2_euclid_centred"].item() > 0
 
 
 def test_the_study_runs_as_a_ray_job_on_a_local_head(tmp_path):
