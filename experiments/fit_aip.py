@@ -15,7 +15,19 @@ from atoms.config import load_yaml
 from atoms.distributed import fit_second_moment
 from atoms.shards import layer_folders, load_manifest
 from experiments.common import config_parser, run
-from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
+from experiments.data_config import DEFAULT_MODEL_CONFIG, AIPFitConfig, DataConfig
+
+
+def fit_layer_aip(folder: Path, cfg: AIPFitConfig, progress: bool = True) -> tuple[Path, AIP, int]:
+    """Fit S̃ from every shard of ``folder`` and write ``folder/aip.safetensors``;
+    returns (path, S̃, rows)."""
+    manifest = load_manifest(folder)
+    moment = fit_second_moment(folder, cfg.centred, progress=progress)
+    aip = AIP.from_moment(moment, cfg.floor, cfg.allow_floor)
+    meta = {"model": manifest.model, "revision": manifest.revision, "site": manifest.site,
+            "layer": manifest.layer, "rows": moment.n, "centred": cfg.centred,
+            "positions": manifest.positions}
+    return save_aip(aip, folder / "aip.safetensors", meta), aip, moment.n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,14 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_yaml(DataConfig, args.config)
     root = Path(args.out) if args.out is not None else cfg.root
     for folder in layer_folders(root):
+        path, aip, rows = fit_layer_aip(folder, cfg.aip, progress=not args.quiet)
         manifest = load_manifest(folder)
-        moment = fit_second_moment(folder, cfg.aip.centred, progress=not args.quiet)
-        aip = AIP.from_moment(moment, cfg.aip.floor, cfg.aip.allow_floor)
-        meta = {"model": manifest.model, "revision": manifest.revision, "site": manifest.site,
-                "layer": manifest.layer, "rows": moment.n, "centred": cfg.aip.centred,
-                "positions": manifest.positions}
-        path = save_aip(aip, folder / "aip.safetensors", meta)
-        print(f"{manifest.site} layer {manifest.layer}: {moment.n} rows, condition number "
+        print(f"{manifest.site} layer {manifest.layer}: {rows} rows, condition number "
               f"{aip.condition_number:.3g}, {aip.n_floored} floored → {path}")
 
 

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 from analysis.summary import summarise
-from atoms.aip import AIP, save_aip
 from atoms.batches import DataSplit, read_rows
 from atoms.config import to_dict
-from atoms.distributed import ensure_ray, fit_second_moment, run_extraction
+from atoms.distributed import ensure_ray, run_extraction
 from atoms.errors import AtomsError, ConfigError
 from atoms.io import atomic_path, code_version
 from atoms.results import ResultStore
@@ -32,6 +31,8 @@ from atoms.study import StudyConfig, Trial, cells, check_scale
 from atoms.sweep import run_sweep
 from atoms.trial import StudyContext
 from experiments.common import CONFIGS, config_parser, load_config, run
+from experiments.data_config import AIPFitConfig
+from experiments.fit_aip import fit_layer_aip
 
 DEFAULT_CONFIG = CONFIGS / "scaling" / "smollm2-135m-demo.yaml"
 
@@ -64,15 +65,11 @@ def shard_folder(cfg: StudyConfig, progress: bool) -> Path:
 
 
 def ensure_aip(cfg: StudyConfig, folder: Path, progress: bool) -> Path:
-    """``<folder>/aip.safetensors``, fitted from every shard when missing."""
+    """``<folder>/aip.safetensors``, fitted from every shard (uncentred) when missing."""
     path = folder / "aip.safetensors"
     if not path.exists():
-        manifest = load_manifest(folder)
-        moment = fit_second_moment(folder, centred=False, progress=progress)
-        aip = AIP.from_moment(moment, cfg.data.aip_floor, allow_floor=False)
-        save_aip(aip, path, {"model": manifest.model, "site": manifest.site,
-                             "layer": manifest.layer, "rows": moment.n, "centred": False})
-        print(f"fitted S̃ on {moment.n} rows (condition number {aip.condition_number:.3g})")
+        path, aip, rows = fit_layer_aip(folder, AIPFitConfig(floor=cfg.data.aip_floor), progress)
+        print(f"fitted S̃ on {rows} rows (condition number {aip.condition_number:.3g})")
     return path
 
 
@@ -96,14 +93,15 @@ def plan(cfg: StudyConfig, h: int, store: ResultStore):
     """(pending trials by cell, finished Optuna samples by cell as (λ, objective), counts)."""
     finished = store.finished()
     pending, done = {}, {}
-    for cell, trials in cells(cfg, h).items():
+    plan_cells = cells(cfg, h)
+    for cell, trials in plan_cells.items():
         todo = [t for t in trials if t.key not in finished]
         if todo:
             pending[cell] = todo
         done[cell] = [(float(f["sparsity_coeff"].iloc[0]), float(f["objective"].iloc[0]))
                       for t in trials if t.family in ("tsae", "relu") and t.coeff is None
                       and (f := finished.get(t.key)) is not None]
-    total = sum(len(t) for t in cells(cfg, h).values())
+    total = sum(len(t) for t in plan_cells.values())
     return pending, done, total
 
 
