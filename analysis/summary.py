@@ -16,14 +16,16 @@ JUMP = 0.1
 
 
 def best_per_cell(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (cell, unit set): the finished sample with the lowest objective (the λ the
+    """One row per (study, cell, unit set): the finished sample with the lowest objective (the λ the
     study picked on validation rows); untrained unit sets pass through."""
     ok = table[table["status"] == "finished"].copy()
     if "objective" not in ok:
         ok["objective"] = float("nan")
     ok["_rank"] = ok["objective"].fillna(0.0)
-    ok = ok.sort_values(["cell", "unit_set", "_rank"], kind="stable")
-    return ok.groupby(["cell", "unit_set"], sort=False).head(1).drop(columns="_rank")
+    keys = [c for c in ("source", "study", "model", "site", "layer") if c in ok] + ["cell",
+                                                                                  "unit_set"]
+    ok = ok.sort_values([*keys, "_rank"], kind="stable")
+    return ok.groupby(keys, sort=False, dropna=False).head(1).drop(columns="_rank")
 
 
 def r2_grid(best: pd.DataFrame, value: str = "r2_euclid_centred") -> pd.DataFrame:

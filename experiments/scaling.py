@@ -7,7 +7,8 @@ From one YAML config: extract (or reuse) one layer's activations, fit the AIP S�
 trial of the grid |D| × |M| × seed × λ (λ gridded or proposed by Optuna) plus the baselines
 (neurons, random directions, ReLU-L1 features, imported SAEs) through Ray Tune. Each finished
 trial writes its rows to <out>/rows/; a rerun skips finished trials and does the rest. Ends
-with <out>/results.parquet and <out>/summary.md.
+with <out>/results.parquet, <out>/summary.md, top-activating contexts with offline judge scores
+(<out>/monosemanticity/) and <out>/report.html (+ report.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.monosemanticity import run_harness
+from analysis.report import build_report
 from analysis.summary import summarise
 from atoms.batches import DataSplit, read_rows
 from atoms.config import to_dict
@@ -153,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     table_path = store.write_table()
     summary_path = summarise(store.table(), Path(cfg.out))
     print(summary_path.read_text())
-    print(f"results: {table_path}\nsummary: {summary_path}\n"
-          f"wall time {time.perf_counter() - start:.0f} s")
+    print(f"monosemanticity (offline heuristic judge): {run_harness(cfg.out)}", flush=True)
+    report_html, report_md = build_report(cfg.out)
+    print(f"results: {table_path}\nsummary: {summary_path}\nreport: {report_html}\n"
+          f"markdown: {report_md}\nwall time {time.perf_counter() - start:.0f} s")
     if failed:
         raise StudyIncomplete(f"{len(failed)} trials failed ({', '.join(failed[:5])}); rerun "
                               "the same command to retry them")

@@ -1,0 +1,332 @@
+"""The monosemanticity harness: top-activating contexts of sampled units, judged per unit.
+
+For each unit set, units are sampled among those with a positive activation in the rows read;
+for each, the top_k largest activations are kept with the token they fired on and a decoded
+context of ±window tokens from the same document window, the token marked «like this». A judge
+(an LLM client wrapped as a callable, or the offline ``heuristic_judge``) scores each unit's
+contexts in [0, 1]; ``score_table`` gives the mean and 95% interval over units per unit set.
+
+``python -m analysis.monosemanticity <study folder> [--units N] [--top-k K] [--max-rows R]``
+writes <study>/monosemanticity/contexts.jsonl and scores.parquet and prints the score table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.aggregate import at_largest, best, interval_table, load_results
+from analysis.summary import markdown
+from atoms.errors import AtomsError, InputError
+from atoms.io import atomic_path
+from atoms.shards import ShardSet, read_shard
+from atoms.units import UnitSet, load_unit_set
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 4096
+"""Rows read by ``run_harness`` unless told otherwise."""
+BATCH = 1024
+TOKEN_WEIGHT = 0.75
+"""Weight of the marked-token agreement in ``heuristic_judge`` (the rest: lexical overlap)."""
+OUT = "monosemanticity"
+KIND = {"tsae": "atoms", "relu": "features", "pretrained": "features"}
+
+
+# ---------------------------------------------------------------------------- contexts
+
+
+def _decoder(decode) -> Callable[[list[int]], str]:
+    """ids ↦ text from a decode callable, a tokenizer, a per-id string table, or None (ids)."""
+    if decode is None:
+        return lambda ids: "".join(f"⟨{i}⟩" for i in ids)
+    if hasattr(decode, "decode") and hasattr(decode, "convert_ids_to_tokens"):
+        return lambda ids: decode.decode(list(ids))
+    if callable(decode):
+        return lambda ids: decode(list(ids))
+    return lambda ids: "".join(decode[i] for i in ids)
+
+
+def _paths(shards) -> list[Path]:
+    if isinstance(shards, str | Path):
+        folder = Path(shards)
+        if not folder.is_dir():
+            raise InputError(f"{folder}: shard folder not found")
+        if (folder / "manifest.json").is_file():
+            return ShardSet.open(folder, verify=False).paths
+        paths = sorted(folder.glob("shard-*.parquet"))
+        if not paths:
+            raise InputError(f"{folder}: no shard-*.parquet files")
+        return paths
+    return [Path(p) for p in shards]
+
+
+def _read(paths: Sequence[Path], max_rows: int | None) -> tuple[list[dict], int]:
+    """Whole shards until ``max_rows`` rows are covered; returns (shards, rows to encode)."""
+    out, have = [], 0
+    for path in paths:
+        if max_rows is not None and have >= max_rows:
+            break
+        out.append(read_shard(path))
+        have += len(out[-1]["token_id"])
+    return out, have if max_rows is None else min(have, max_rows)
+
+
+def _top(unit_set: UnitSet, shards: list[dict], rows: int, k: int) -> tuple[torch.Tensor, ...]:
+    """(values, global row indices), each (N, k): every unit's k largest codes in ``rows``."""
+    if unit_set.encode is None:
+        raise InputError(f"{unit_set.name}: the unit set has no encoder")
+    n = unit_set.n
+    vals, idx = torch.full((n, k), -math.inf), torch.full((n, k), -1, dtype=torch.long)
+    offset = 0
+    for shard in shards:
+        acts = shard["activation"]
+        take = min(len(acts), rows - offset)
+        for start in range(0, take, BATCH):
+            stop = min(start + BATCH, take)
+            codes = unit_set.encode(torch.from_numpy(acts[start:stop]).float()).T
+            rng = torch.arange(offset + start, offset + stop).expand(n, -1)
+            vals, sel = torch.cat([vals, codes], 1).topk(k, dim=1)
+            idx = torch.cat([idx, rng], 1).gather(1, sel)
+        offset += len(acts)
+        if offset >= rows:
+            break
+    return vals, idx
+
+
+def _run(doc: np.ndarray, pos: np.ndarray, r: int, step: int, window: int) -> tuple[list, bool]:
+    """Rows next to ``r`` (step ±1) in the same document window; and whether more follow."""
+    out, j = [], r + step
+    while 0 <= j < len(doc) and doc[j] == doc[r] and pos[j] - pos[r] == j - r:
+        if len(out) == window:
+            return out, True
+        out.append(j)
+        j += step
+    return out, False
+
+
+def _mark(text: str) -> str:
+    lead, core, trail = re.match(r"(\s*)(.*?)(\s*)$", text, re.S).groups()
+    return f"{lead}«{core or text}»{trail}"
+
+
+def _context(cols: dict, r: int, window: int, dec) -> str:
+    left, more_left = _run(cols["doc_id"], cols["position"], r, -1, window)
+    right, more_right = _run(cols["doc_id"], cols["position"], r, 1, window)
+    tok = cols["token_id"]
+    before, after = dec([int(tok[j]) for j in reversed(left)]), dec([int(tok[j]) for j in right])
+    if more_left:
+        before = ("…" if before[:1].isspace() else "… ") + before
+    if more_right:
+        after += "…" if after[-1:].isspace() else " …"
+    return (before + _mark(dec([int(tok[r])])) + after).replace("\n", "⏎")
+
+
+def _contexts(unit_set: UnitSet, shards: list[dict], rows: int, dec, n_units: int, top_k: int,
+              window: int, seed: int) -> list[dict]:
+    vals, idx = _top(unit_set, shards, rows, top_k)
+    cols = {c: np.concatenate([s[c] for s in shards]) for c in ("token_id", "doc_id", "position")}
+    live = torch.nonzero(vals[:, 0] > 0).flatten().numpy()
+    rng = np.random.default_rng(seed)
+    units = np.sort(rng.choice(live, min(n_units, len(live)), replace=False))
+    records = []
+    for u in units:
+        for rank, (v, r) in enumerate(zip(vals[u].tolist(), idx[u].tolist(), strict=True)):
+            if v <= 0 or r < 0:
+                break
+            records.append({"unit_set": unit_set.name, "unit": int(u), "rank": rank,
+                            "activation": float(v), "doc_id": int(cols["doc_id"][r]),
+                            "position": int(cols["position"][r]),
+                            "token_id": int(cols["token_id"][r]),
+                            "token": dec([int(cols["token_id"][r])]),
+                            "context": _context(cols, r, window, dec)})
+    return records
+
+
+def top_contexts(unit_set: UnitSet, shard_folder, decode, n_units: int = 16, top_k: int = 8,
+                 window: int = 8, max_rows: int | None = None, seed: int = 0) -> list[dict]:
+    """Top-activating contexts of ``n_units`` units of ``unit_set`` sampled (seeded) among those
+    with a positive activation in the first ``max_rows`` rows of ``shard_folder`` (a shard folder
+    or a list of shard files). Per unit its top_k positive activations, in rank order, as
+    {unit_set, unit, rank, activation, doc_id, position, token_id, token, context}; the context
+    holds ±window tokens of the same document window, the token marked «…», '…' where cut.
+    ``decode``: ids ↦ str (a tokenizer's decode), a per-id string table, or None for ids."""
+    shards, rows = _read(_paths(shard_folder), max_rows)
+    return _contexts(unit_set, shards, rows, _decoder(decode), n_units, top_k, window, seed)
+
+
+def export_jsonl(records: list[dict], path) -> Path:
+    """One JSON object per line, written atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+# ---------------------------------------------------------------------------- judging
+
+
+def _norm(token: str) -> str:
+    return " ".join(token.split()).lower()
+
+
+def heuristic_judge(unit_records: list[dict]) -> float:
+    """Offline score in [0, 1]: TOKEN_WEIGHT · s_tok + (1 − TOKEN_WEIGHT) · s_lex, where
+    s_tok = (count of the most common marked token)/n, tokens lower-cased and whitespace-
+    normalised, and s_lex = mean pairwise Jaccard similarity of the contexts' lower-case word
+    sets (0 with one context)."""
+    if not unit_records:
+        raise InputError("heuristic_judge: no records for this unit")
+    n = len(unit_records)
+    s_tok = Counter(_norm(r["token"]) for r in unit_records).most_common(1)[0][1] / n
+    words = [set(re.findall(r"\w+", r["context"].lower())) for r in unit_records]
+    pairs = [len(a & b) / len(a | b) if a | b else 1.0
+             for a, b in itertools.combinations(words, 2)]
+    s_lex = float(np.mean(pairs)) if pairs else 0.0
+    return TOKEN_WEIGHT * s_tok + (1 - TOKEN_WEIGHT) * s_lex
+
+
+def _judge_name(judge) -> str:
+    return getattr(judge, "__name__", type(judge).__name__)
+
+
+def judge_units(records: list[dict], judge: Callable[[list[dict]], float]) -> pd.DataFrame:
+    """One row per (unit_set, unit): score = judge(that unit's records), in [0, 1]; columns
+    unit_set, unit, score, n_contexts, judge."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["unit_set"], r["unit"]), []).append(r)
+    name, rows = _judge_name(judge), []
+    for (unit_set, unit), recs in groups.items():
+        score = judge(recs)
+        try:
+            score = float(score)
+        except (TypeError, ValueError):
+            score = math.nan
+        if not 0.0 <= score <= 1.0:
+            raise InputError(f"judge {name}: unit {unit} of {unit_set}: score {score!r} is not "
+                             "a number in [0, 1]")
+        rows.append({"unit_set": unit_set, "unit": unit, "score": score,
+                     "n_contexts": len(recs), "judge": name})
+    return pd.DataFrame(rows, columns=["unit_set", "unit", "score", "n_contexts", "judge"])
+
+
+def score_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per unit set (and judge): n_units, score_mean, score_lo, score_hi (95% t over units)."""
+    by = ["unit_set", "judge"] if "judge" in scores else ["unit_set"]
+    return interval_table(scores, by, ["score"]).rename(columns={"n_seeds": "n_units"})
+
+
+# ---------------------------------------------------------------------------- study harness
+
+
+def _holdout(study: Path) -> int:
+    try:
+        cfg = json.loads((study / "study.json").read_text())["config"]
+        return int(cfg["data"]["holdout_shards"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 1
+
+
+def _unit_sets(b: pd.DataFrame) -> list[tuple[UnitSet, pd.Series]]:
+    """Neurons; random at its largest |D|; atoms, relu features (largest |D|, then |M|) and
+    pretrained SAEs from their checkpoints; the lowest seed of each."""
+    out = []
+    for fam in ("neurons", "random", "tsae", "relu", "pretrained"):
+        rows = b[b["family"] == fam]
+        for name in rows["unit_set"].unique():
+            pick = at_largest(rows[rows["unit_set"] == name])
+            row = pick.sort_values("seed").iloc[0] if "seed" in pick else pick.iloc[0]
+            h = int(row["h"])
+            if fam == "neurons":
+                out.append((UnitSet.neurons(h, name), row))
+            elif fam == "random":
+                out.append((UnitSet.random(h, int(row["d_sae"]), int(row.get("seed", 0)),
+                                           name), row))
+            else:
+                path = row.get("checkpoint_path")
+                if not isinstance(path, str) or not Path(path).exists():
+                    log.warning("%s: checkpoint %s not found; skipping it", name, path)
+                    continue
+                out.append((load_unit_set(path, KIND[fam], name), row))
+    return out
+
+
+def _tokenizer(model):
+    from atoms.models import load_tokenizer
+
+    try:
+        return load_tokenizer(str(model))
+    except Exception as e:  # noqa: BLE001 -- any failure falls back to showing token ids
+        log.warning("tokenizer of %s not available (%s); showing token ids", model,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+
+
+def run_harness(study_folder, n_units: int = 16, top_k: int = 8, judge=None, *,
+                window: int = 8, max_rows: int | None = MAX_ROWS, seed: int = 0,
+                decode=None) -> Path:
+    """Contexts and judge scores for a study's unit sets on its held-out shards (the last
+    ``data.holdout_shards`` of its data folder, first ``max_rows`` rows). Writes
+    <study>/monosemanticity/contexts.jsonl and scores.parquet; returns that folder.
+    ``decode`` defaults to the study model's tokenizer (token ids when it cannot be loaded)."""
+    study = Path(study_folder)
+    b = best(load_results(study))
+    picks = _unit_sets(b)
+    if not picks:
+        raise InputError(f"{study}: no unit sets to inspect")
+    if decode is None:
+        decode = _tokenizer(b["model"].dropna().iloc[0]) if b["model"].notna().any() else None
+    dec, holdout, cache = _decoder(decode), _holdout(study), {}
+    records, meta = [], []
+    for units, row in picks:
+        data = row.get("data_folder")
+        if not isinstance(data, str) or not Path(data).is_dir():
+            raise InputError(f"{study}: data_folder {data!r} of {units.name} not found")
+        if data not in cache:
+            paths = _paths(data)
+            cache[data] = _read(paths[-min(holdout, len(paths)):], max_rows)
+        records += _contexts(units, *cache[data], dec, n_units, top_k, window, seed)
+        meta.append({"unit_set": units.name, **{c: row.get(c) for c in
+                     ("family", "trial_key", "d_sae", "d_sae_over_h", "train_rows")}})
+    out = study / OUT
+    export_jsonl(records, out / "contexts.jsonl")
+    scores = judge_units(records, judge or heuristic_judge).merge(
+        pd.DataFrame(meta), on="unit_set", how="left")
+    with atomic_path(out / "scores.parquet") as tmp:
+        scores.to_parquet(tmp, index=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", type=Path, help="a study folder (results.parquet or rows/)")
+    parser.add_argument("--units", type=int, default=16, help="units sampled per unit set")
+    parser.add_argument("--top-k", type=int, default=8, help="contexts per unit")
+    parser.add_argument("--max-rows", type=int, default=MAX_ROWS, help="held-out rows read")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        out = run_harness(args.study, args.units, args.top_k, max_rows=args.max_rows)
+    except AtomsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(score_table(pd.read_parquet(out / "scores.parquet"))))
+    print(f"\nwrote {out / 'contexts.jsonl'} and {out / 'scores.parquet'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The study report: built from a hand-made results folder with a planted transition, rendered
+in headless Chromium (every image must load, no console errors), and its command line."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import plots
+from analysis.report import build_report, main
+from atoms.aip import AIP, SecondMoment, save_aip
+from atoms.sae import SAEConfig, build_sae
+from atoms.sae_io import save_sae
+from tests.shardsets import write_shard_set
+
+H = 32
+D_OVER_H = [0.5, 1.0, 2.0, 4.0, 8.0]
+M = [256, 1024, 4096, 16384]
+SEEDS = [0, 1, 2]
+DATA = {"holdout_shards": 2, "validation_rows": 200, "test_rows": 600}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def planted_r2(d_over_h: float, m: int, seed: int) -> float:
+    """R² 0.5 below |D|*/H = 0.5·√2·(|M|/256)^½ and 0.9 above: |D|* ∝ |M|^0.5."""
+    boundary = 0.5 * 2**0.5 * (m / 256) ** 0.5
+    return (0.9 if d_over_h > boundary else 0.5) + 0.004 * (seed - 1)
+
+
+def _save(kind: str, n: int, x: torch.Tensor, folder: Path) -> str:
+    sae = build_sae(SAEConfig(d_in=H, d_sae=n, kind=kind, init_threshold=0.05, seed=n))
+    sae.fit_input_scale(x)
+    return str(save_sae(sae, folder))
+
+
+def _row(study: Path, family: str, unit_set: str, d: float, m, seed: int, **kw) -> dict:
+    n = int(d * H)
+    cell = {"neurons": "neurons"}.get(family, f"{family}-D{n}-M{m}-s{seed}")
+    r2 = planted_r2(d, m, seed) if family == "tsae" else {"relu": 0.85, "neurons": 1.0,
+                                                         "random": -0.3}[family] + 0.01 * seed
+    return {"study": study.name, "trial_key": f"{cell}-opt0", "cell": cell, "family": family,
+            "unit_set": unit_set, "d_sae": n, "d_sae_over_h": d, "h": H,
+            "train_rows": float(m) if m else np.nan, "seed": seed, "status": "finished",
+            "sparsity_coeff": 1e-3, "objective": 1.0 - r2, "model": "synthetic",
+            "site": "resid_post", "layer": 0, "r2_euclid_centred": r2,
+            "r2_aip_centred": r2 - 0.05, "q_star_pairwise": 0.1 + 0.02 * d + 0.003 * seed,
+            "q_star_per_unit": 0.05, "uniqueness_pct": 10.0, "l0_mean": 4.0 + d,
+            "dead_fraction": 0.01, "r2_primary": "r2_euclid_centred",
+            "q_star_primary": "q_star_pairwise", "code_version": "0.1.0+test",
+            "checkpoint_path": None, **kw}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """A study folder: shards + S̃, saved SAEs for the rows the figures read, a results table
+    with 3 seeds and a planted transition, a diverged trial and monosemanticity scores."""
+    root = tmp_path_factory.mktemp("report")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, H, generator=g) + 2.0 * torch.randn(H, generator=g)
+    shards = write_shard_set(root / "shards", x, 6)
+    aip_path = save_aip(AIP.from_moment(SecondMoment(H).update(x)), shards / "aip.safetensors")
+    folder = root / "demo-study"
+    common = {"data_folder": str(shards), "aip_path": str(aip_path),
+              "study_config": json.dumps({"name": folder.name, "data": DATA})}
+    rows = [_row(folder, "neurons", "neurons", 1.0, None, 0, **common)]
+    for seed in SEEDS:
+        for d in D_OVER_H:
+            rows.append(_row(folder, "random", "random", d, None, seed, **common))
+            rows.append(_row(folder, "relu", "relu_features", d, 4096, seed, **common))
+            for m in M:
+                rows.append(_row(folder, "tsae", "atoms", d, m, seed, **common))
+    table = pd.DataFrame(rows)
+    for i, r in table[table["seed"] == 0].iterrows():
+        head = r["d_sae_over_h"] == max(D_OVER_H) and r["train_rows"] == 4096
+        if (r["family"] == "tsae" and (r["train_rows"] == max(M) or head)) or \
+                (r["family"] == "relu" and head):
+            kind = "threshold" if r["family"] == "tsae" else "relu"
+            table.loc[i, "checkpoint_path"] = _save(kind, int(r["d_sae"]), x,
+                                                    folder / "trials" / r["trial_key"] / "sae")
+    bad = _row(folder, "tsae", "atoms", 8.0, 16384, 0, **common)
+    table = pd.concat([table, pd.DataFrame([{**bad, "status": "diverged", "trial_key": "tsae-"
+                                             "D256-M16384-s0-opt9", "r2_euclid_centred": np.nan}])])
+    folder.mkdir(exist_ok=True)
+    table.to_parquet(folder / "results.parquet", index=False)
+    (folder / "monosemanticity").mkdir()
+    pd.DataFrame({"unit_set": ["atoms"] * 4 + ["neurons"] * 4, "unit": list(range(4)) * 2,
+                  "score": [0.6, 0.7, 0.8, 0.7, 0.2, 0.3, 0.25, 0.2], "judge": "test"}
+                 ).to_parquet(folder / "monosemanticity" / "scores.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def report(study) -> tuple[Path, Path]:
+    return build_report(study)
+
+
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(
+  'error: ' + (e.message || (e.target && (e.target.id || e.target.tagName)) || 'resource')), true);
+for (const k of ['error', 'warn']) {
+  const orig = console[k];
+  console[k] = (...a) => { window.__errors.push(k + ': ' + a.join(' ')); orig.apply(console, a); };
+}
+window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => ({id: i.id, alt: i.alt, complete: i.complete,
+    width: i.naturalWidth}));
+  const h2 = [...document.querySelectorAll('h2')];
+  const head = h2.find(h => h.textContent.startsWith('Headline'));
+  const rows = head && head.nextElementSibling ? head.nextElementSibling.querySelectorAll(
+    'table tr').length : 0;
+  const pre = document.createElement('pre');
+  pre.id = 'probe';
+  pre.textContent = JSON.stringify({imgs, h2: h2.map(h => h.textContent), headline_rows: rows,
+    errors: window.__errors});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.fail("chromium is not installed: run `apt-get install -y chromium` (Debian)")
+    return found
+
+
+def render(page: Path, tmp: Path, screenshot: Path | None = None) -> dict:
+    """Load ``page`` with the probe injected first in <head>; returns the probe's JSON plus the
+    browser's console lines (``console``)."""
+    probed = tmp / f"probed-{page.name}"
+    probed.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
+    args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            f"--user-data-dir={tmp / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+            "--virtual-time-budget=10000"]
+    out = subprocess.run([*args, "--dump-dom", probed.as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', out.stdout, re.S)
+    assert found, f"the probe never ran: {out.stderr[-2000:]}"
+    result = json.loads(html.unescape(found.group(1)))
+    result["console"] = [line for line in out.stderr.splitlines() if "CONSOLE" in line]
+    if screenshot is not None:
+        subprocess.run([*args, "--hide-scrollbars", "--window-size=1200,6000",
+                        f"--screenshot={screenshot}", probed.as_uri()], capture_output=True,
+                       timeout=120)
+    return result
+
+
+def test_report_renders_with_every_image(report, study, tmp_path):
+    html_path, md_path = report
+    assert html_path == study / "report.html" and md_path == study / "report.md"
+    probe = render(html_path, tmp_path, tmp_path / "report.png")
+    ids = {i["id"] for i in probe["imgs"]}
+    assert {"r2_heatmap_0", "q_star_0", "angles", "l0_0", "thresholds_0"} <= ids, ids
+    broken = [i for i in probe["imgs"] if not (i["complete"] and i["width"] > 0)]
+    assert not broken, broken
+    assert probe["errors"] == [] and probe["console"] == [], probe
+    assert probe["headline_rows"] == 5  # header + neurons, features, atoms, random
+    assert "Representation shift: Euclidean vs AIP angles" in probe["h2"]
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_broken_image_is_caught(report, tmp_path):
+    page = tmp_path / "broken.html"
+    text = report[0].read_text()
+    start = text.index("base64,", text.index("id='q_star_0'")) + len("base64,")
+    page.write_text(text[:start] + "iVBORw0KGgoAAAAbroken" + text[start + 40:])
+    probe = render(page, tmp_path)
+    broken = [i["id"] for i in probe["imgs"] if not (i["complete"] and i["width"] > 0)]
+    assert broken == ["q_star_0"]
+
+
+def test_report_content(report, study):
+    md = report[1].read_text()
+    for name in ("r2_heatmap_0", "q_star_0", "angles", "l0_0", "thresholds_0"):
+        assert f"](report_files/{name}.png)" in md
+        assert (study / "report_files" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert md.count("transition, |D|\\* =") == len(M)
+    alpha = float(re.search(r"with α = ([0-9.]+)", md).group(1))
+    assert alpha == pytest.approx(0.5, abs=0.05)
+    assert "tsae-D256-M16384-s0-opt9" in md and "diverged" in md
+    assert "| atoms | 4 | 0.7 [" in md
+    assert "0.1.0+test" in md and "r2_euclid_centred" in md and "q_star_pairwise" in md
+    assert not list(study.glob(".report*.tmp"))
+    page = report[0].read_text()
+    assert not re.search(r"https?://|<link|<script|@import|src='(?!data:image/png;base64,)", page)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis.report", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_main_on_a_folder_copied_without_shards(study, tmp_path, capsys):
+    """A results folder moved off the cluster: shards and S̃ gone, SAEs found beside the table."""
+    copy = tmp_path / "results" / study.name
+    shutil.copytree(study / "trials", copy / "trials")
+    table = pd.read_parquet(study / "results.parquet")
+    table["data_folder"] = "/cluster/activations/layer_0"
+    table["aip_path"] = "/cluster/activations/layer_0/aip.safetensors"
+    table["checkpoint_path"] = table["checkpoint_path"].str.replace(str(study), "/cluster/x")
+    table.to_parquet(copy / "results.parquet", index=False)
+    assert main([str(tmp_path / "results")]) == 0
+    assert capsys.readouterr().out.split() == ["report:", str(tmp_path / "results" / "report.html"),
+                                   "markdown:", str(tmp_path / "results" / "report.md")]
+    md = (tmp_path / "results" / "report.md").read_text()
+    assert "activation shards not found at /cluster/activations/layer_0" in md
+    assert "r2_heatmap_0.png" in md and "angles.png" not in md
+    row = table[table["checkpoint_path"].notna()].iloc[0].copy()
+    row["source"] = str(copy)
+    assert plots.sae_folder(row) == copy / "trials" / row["trial_key"] / "sae"
+
+
+def test_cli_on_a_folder_without_results(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = _cli(str(tmp_path / "empty"))
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no results" in lines[0]
+    assert not (tmp_path / "empty" / "report.html").exists()
