@@ -19,6 +19,24 @@ from atoms.errors import InputError, SingularMomentError
 from atoms.io import atomic_path
 from atoms.validation import as_rows, check_finite
 
+SYRK_BLOCK = 512
+"""Column block of the symmetric rank-k update (widths up to this use one plain product)."""
+
+
+def syrk_upper_(c: torch.Tensor, x: torch.Tensor, block: int = SYRK_BLOCK) -> torch.Tensor:
+    """C += xᵀx on the upper block triangle only: (k+1)/2k of the FLOPs of xᵀx for k blocks.
+
+    Diagonal blocks are added whole, blocks below them not at all; read the result through
+    its upper triangle (entries (a, b) with a ≤ b are all exact).
+    """
+    d = x.shape[1]
+    if d <= block:
+        return c.addmm_(x.T, x)
+    for i0 in range(0, d, block):
+        i1 = min(i0 + block, d)
+        c[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])
+    return c
+
 
 class SecondMoment:
     """Streaming, mergeable second moment in float64.
@@ -40,8 +58,7 @@ class SecondMoment:
         """Add a (B, d) batch of activations; rejects NaN/Inf and wrong widths."""
         x = as_rows(batch, "batch", d=self.d).to(torch.float64)
         check_finite(x, "batch")
-        # Symmetric rank-k update: only the product xᵀx is formed, in float64.
-        self.outer.addmm_(x.T, x)
+        syrk_upper_(self.outer, x)
         self.total += x.sum(0)
         self.n += x.shape[0]
         return self
@@ -67,6 +84,7 @@ class SecondMoment:
         """The (d, d) float64 second moment (or covariance when centred)."""
         self._require_rows()
         m2 = self.outer / self.n
+        m2 = m2.triu() + m2.triu(1).T  # the update keeps the upper triangle only
         if self.centred:
             mu = self.mean
             m2 = m2 - torch.outer(mu, mu)
@@ -179,13 +197,19 @@ class AIP:
             raise InputError(f"AIP.normalise: {int((norms <= 0).sum())} zero-norm directions")
         return directions / norms[:, None]
 
-    def whitened_units(self, directions: torch.Tensor) -> torch.Tensor:
-        """d̃ⱼ = S̃^{1/2} dⱼ / ‖S̃^{1/2} dⱼ‖: whitened unit rows, in float64."""
-        w = self.whiten(as_rows(directions, "directions", d=self.d).to(torch.float64))
+    def whitened_units(self, directions: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """d̃ⱼ = S̃^{1/2} dⱼ / ‖S̃^{1/2} dⱼ‖: whitened unit rows, in float64.
+
+        Whitened ``chunk`` rows at a time into one float64 result (no full-size temporaries).
+        """
+        d = as_rows(directions, "directions", d=self.d)
+        w = torch.empty(d.shape, dtype=torch.float64, device=d.device)
+        for r0 in range(0, len(d), chunk):
+            w[r0:r0 + chunk] = self.whiten(d[r0:r0 + chunk].to(torch.float64))
         norms = w.norm(dim=1, keepdim=True)
         if bool((norms <= 0).any()):
             raise InputError(f"AIP: {int((norms <= 0).sum())} zero-norm directions")
-        return w / norms
+        return w.div_(norms)
 
     def gram(self, directions: torch.Tensor) -> torch.Tensor:
         """The whitened normalised Gram matrix Gᵢⱼ = cos_S̃(dᵢ, dⱼ), (N, N) float64."""

@@ -12,6 +12,7 @@ import torch
 
 from atoms.aip import AIP
 from atoms.errors import InputError
+from atoms.threshold_counts import ThresholdCounts, below_at_levels
 from atoms.validation import as_rows, check_finite
 
 R2_VARIANTS = ("euclid_centred", "euclid_uncentred", "aip_centred", "aip_uncentred")
@@ -113,8 +114,12 @@ class LogHistogram:
         self.counts = torch.zeros(bins + 2, dtype=torch.float64)  # [<low, bins…, ≥1]
 
     def add(self, values: torch.Tensor) -> None:
-        v = values.reshape(-1).to(torch.float64).clamp_min(self.low * 0.5).log10()
-        idx = torch.bucketize(v, self.log_edges, right=True)
+        # Bin index from the log directly (edges are evenly spaced in log10): 0 below ``low``,
+        # 1…bins inside, bins + 1 at 1.0.
+        bins = self.counts.numel() - 2
+        lo, step = float(self.log_edges[0]), float(self.log_edges[1] - self.log_edges[0])
+        v = values.reshape(-1).to(torch.float64).clamp_min(self.low * 0.5).log10_()
+        idx = v.sub_(lo).div_(step).floor_().add_(1).clamp_(0, bins + 1).to(torch.int64)
         self.counts += torch.bincount(idx, minlength=self.counts.numel()).to(torch.float64)
 
     @property
@@ -164,6 +169,9 @@ class Coherence:
     mu: float
     """μ = max over all pairs."""
     exact: bool
+    counts: ThresholdCounts | None = None
+    """For a histogram: exact counts at the uniqueness thresholds of ``counted_l0``."""
+    counted_l0: np.ndarray | None = None
 
     def summary(self) -> dict[str, float]:
         q = self.pairwise.quantile(np.array([0.5, 0.99]))
@@ -172,12 +180,14 @@ class Coherence:
 
 
 def coherence(
-    directions, aip: AIP | None = None, exact_max_n: int = 2048, block: int = 1024
+    directions, aip: AIP | None = None, exact_max_n: int = 2048, block: int = 512, l0=None
 ) -> Coherence:
     """AIP coherence of the rows of ``directions`` (N, H), computed in row blocks.
 
-    Only an (block, N) slice of the Gram matrix exists at a time; for N > ``exact_max_n`` the
-    pairwise values stream into a LogHistogram, so memory stays O(block·N + N·H).
+    Only a (block, N) slice of the Gram matrix exists at a time; for N > ``exact_max_n`` the
+    pairwise values stream into a LogHistogram (median, p99) and, given the L0 sample ``l0``,
+    into exact counts at its uniqueness thresholds, so that q* (pairwise) stays exact. Memory
+    is O(block·N + N·H).
     """
     d = as_rows(directions, "directions")
     check_finite(d, "directions")
@@ -185,20 +195,31 @@ def coherence(
     if n < 2:
         raise InputError(f"coherence: need at least two directions, got {n}")
     w = (aip or AIP.euclidean(d.shape[1])).whitened_units(d)
+    del d
     exact = n <= exact_max_n
-    sink = [] if exact else LogHistogram()
+    sinks = [[]] if exact else [LogHistogram()]
+    k = None if exact or l0 is None else _l0_sample(l0)
+    counts = None if k is None else ThresholdCounts(_uniqueness_thresholds(k))
+    if counts is not None:
+        sinks.append(counts)
     per_unit = torch.zeros(n, dtype=torch.float64)
     for r0 in range(0, n, block):
         r1 = min(r0 + block, n)
-        g = (w[r0:r1] @ w[r0:].T).abs_()  # rows r0..r1 against columns r0..n
-        upper = torch.ones_like(g, dtype=torch.bool).triu_(1)  # keep column > row
-        g.masked_fill_(~upper, 0.0)
-        per_unit[r0:r1] = torch.maximum(per_unit[r0:r1], g.max(1).values)
-        per_unit[r0:] = torch.maximum(per_unit[r0:], g.max(0).values)
-        values = g[upper]
-        sink.append(values.numpy().copy()) if exact else sink.add(values)
-    pairwise = ExactSample(np.concatenate(sink)) if exact else sink
-    return Coherence(pairwise, per_unit.numpy(), float(per_unit.max()), exact)
+        rows = w[r0:r1]
+        square = (rows @ rows.T).abs_()  # this block against itself: keep column > row
+        iu = torch.triu_indices(r1 - r0, r1 - r0, offset=1)
+        parts = [square[iu[0], iu[1]]]
+        per_unit[r0:r1] = torch.maximum(per_unit[r0:r1], square.fill_diagonal_(0).amax(1))
+        if r1 < n:  # against every later row: all above the diagonal
+            rect = (rows @ w[r1:].T).abs_()
+            per_unit[r0:r1] = torch.maximum(per_unit[r0:r1], rect.amax(1))
+            per_unit[r1:] = torch.maximum(per_unit[r1:], rect.amax(0))
+            parts.append(rect.view(-1))
+        for values in parts:
+            for sink in sinks:
+                sink.append(values.numpy().copy()) if isinstance(sink, list) else sink.add(values)
+    pairwise = ExactSample(np.concatenate(sinks[0])) if exact else sinks[0]
+    return Coherence(pairwise, per_unit.numpy(), float(per_unit.max()), exact, counts, k)
 
 
 def local_coherence(codes, directions, aip: AIP | None = None, tol: float = 0.0) -> np.ndarray:
@@ -229,19 +250,33 @@ def uniqueness_threshold(k) -> np.ndarray:
         return np.where(k > 0.5, 1.0 / (2.0 * k - 1.0), np.inf)
 
 
+def _l0_sample(l0) -> np.ndarray:
+    k = np.asarray(torch.as_tensor(l0).cpu(), dtype=np.float64).reshape(-1)
+    if k.size == 0:
+        raise InputError("q*: empty sparsity sample")
+    return k
+
+
+def _uniqueness_thresholds(k: np.ndarray, grid: int = 10001) -> np.ndarray:
+    """t(K_q) at the ``grid`` quantile levels of the sparsity sample."""
+    return uniqueness_threshold(np.quantile(k, np.linspace(0.0, 1.0, grid),
+                                            method=QUANTILE_METHOD))
+
+
 def q_star_crossing(coherence_sample, sparsity_sample, grid: int = 10001) -> float:
     """q* = sup{q ∈ [0, 1] : μ_q < 1/(2K_q − 1)}, on a grid of ``grid`` quantile levels.
 
     μ_q and K_q are q-quantiles of the coherence and sparsity samples; g(q) = μ_q − t(K_q) is
     non-decreasing, so q* is the last grid level before g turns non-negative (0 if g(0) ≥ 0).
+    ``coherence_sample`` is an ExactSample or LogHistogram (μ_q read off it) or ThresholdCounts
+    (the comparison made exactly, see ``atoms.threshold_counts``).
     """
     qs = np.linspace(0.0, 1.0, grid)
-    mu_q = coherence_sample.quantile(qs)
-    k = np.asarray(sparsity_sample, dtype=np.float64).reshape(-1)
-    if k.size == 0:
-        raise InputError("q*: empty sparsity sample")
-    k_q = np.quantile(k, qs, method=QUANTILE_METHOD)
-    ok = mu_q < uniqueness_threshold(k_q)
+    t = _uniqueness_thresholds(_l0_sample(sparsity_sample), grid)
+    if isinstance(coherence_sample, ThresholdCounts):
+        ok = below_at_levels(coherence_sample, qs, t)
+    else:
+        ok = coherence_sample.quantile(qs) < t
     if not ok[0]:
         return 0.0
     fails = np.flatnonzero(~ok)
@@ -262,7 +297,8 @@ def q_star(
     """
     k = np.asarray(torch.as_tensor(l0).cpu(), dtype=np.float64).reshape(-1)
     if reading == "pairwise":
-        return q_star_crossing(coh.pairwise, k)
+        counted = coh.counts is not None and np.array_equal(coh.counted_l0, k)
+        return q_star_crossing(coh.counts if counted else coh.pairwise, k)
     if reading == "per_unit":
         return q_star_crossing(ExactSample(coh.per_unit), k)
     if reading == "per_activation":

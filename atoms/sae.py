@@ -144,7 +144,7 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.clone())
+        self.W_enc = nn.Parameter(w_dec.T.contiguous())  # row-major, as its gradients are
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae), requires_grad=cfg.bias)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in), requires_grad=cfg.bias)
         self.register_buffer("input_scale", torch.tensor(1.0))

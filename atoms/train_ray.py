@@ -3,10 +3,11 @@
 Each worker reads its own training files through ``ray.data.read_parquet``: held in memory when
 they fit (read once; a fresh permutation every epoch), otherwise streamed by
 ``iter_torch_batches`` with files permuted every epoch and a seeded local shuffle. Either way a
-restarted worker replays exactly the batches it would have seen. Gradients are averaged by DDP.
-Every ``checkpoint_every`` steps rank 0 writes a checkpoint (SAELens layout + trainer state with
-every worker's data position) and Ray persists it; after a worker failure ``FailureConfig``
-restarts the group from the newest one.
+restarted worker replays exactly the batches it would have seen. Gradients are averaged in one
+all-reduce (the hand-written threshold-SAE step) or by DDP (other SAEs). Every
+``checkpoint_every`` steps rank 0 writes a checkpoint (SAELens layout + trainer state with every
+worker's data position) and Ray persists it; after a worker failure ``FailureConfig`` restarts
+the group from the newest one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from atoms.train_run import (
     write_diverged,
     write_final,
 )
-from atoms.training import SAEObjective, Sync, TorchDistributedSync, Trainer, train_epochs
+from atoms.training import (
+    SAEObjective,
+    Sync,
+    TorchDistributedSync,
+    Trainer,
+    train_epochs,
+    uses_fast_step,
+)
 
 RAY_FOLDER = "ray"
 
@@ -122,8 +130,10 @@ def _worker(config: dict) -> None:
     else:
         sae = prep.new_sae()
     sae.to(device)
-    objective = ray.train.torch.prepare_model(
-        SAEObjective(sae), parallel_strategy_kwargs={"broadcast_buffers": False})
+    objective = None  # the hand-written step averages its gradients through the Sync
+    if not uses_fast_step(sae, cfg):
+        objective = ray.train.torch.prepare_model(
+            SAEObjective(sae), parallel_strategy_kwargs={"broadcast_buffers": False})
     trainer = Trainer(sae, cfg, objective, TorchDistributedSync() if world > 1 else Sync())
     if payload is not None:
         trainer.load_state_dict(payload)

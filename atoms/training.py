@@ -19,8 +19,11 @@ from atoms.aip import AIP
 from atoms.batches import TensorBatches
 from atoms.config import require
 from atoms.errors import InputError, TrainingDiverged
+from atoms.fast_step import FastThresholdStep, fast_step_applies
 from atoms.sae import SparseAutoencoder
 from atoms.validation import as_rows, check_finite
+
+STEP_MODES = ("auto", "dense", "sparse", "reference")
 
 
 @dataclass
@@ -48,6 +51,9 @@ class TrainConfig:
     log_every: int = 50
     """Steps between history rows (each the mean over its window) and divergence checks."""
     seed: int = 0
+    step: str = "auto"
+    """Threshold SAE (L0 loss) step: 'auto' (fast; sparse once L0/N is small), 'dense',
+    'sparse', or 'reference' (autograd through the module; also used for other SAEs)."""
 
     def __post_init__(self):
         require(self.steps >= 1, "steps", f"must be positive, got {self.steps}")
@@ -60,6 +66,7 @@ class TrainConfig:
         require(self.resample_every >= 0, "resample_every", "must be non-negative")
         require(self.dead_window >= 1, "dead_window", "must be positive")
         require(self.log_every >= 1, "log_every", "must be positive")
+        require(self.step in STEP_MODES, "step", f"must be one of {STEP_MODES}, got {self.step!r}")
 
 
 def schedule(step: int, cfg: TrainConfig) -> tuple[float, float]:
@@ -75,9 +82,17 @@ def schedule(step: int, cfg: TrainConfig) -> tuple[float, float]:
     return cfg.lr * warm * decay, cfg.sparsity_coeff * coeff_warm
 
 
+def uses_fast_step(sae: SparseAutoencoder, cfg: TrainConfig) -> bool:
+    """Whether a Trainer without an injected objective takes the hand-written step."""
+    return cfg.step != "reference" and fast_step_applies(sae)
+
+
 def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam; on CUDA its fused kernel (one launch for every parameter)."""
     params = [p for p in sae.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            fused=fused or None)
 
 
 class SAEObjective(nn.Module):
@@ -230,8 +245,12 @@ class Trainer:
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, objective: nn.Module | None = None,
                  sync: Sync | None = None):
         self.sae, self.cfg = sae, cfg
-        self.objective = objective if objective is not None else SAEObjective(sae)
         self.sync = sync or Sync()
+        self.fast = None
+        if objective is None and uses_fast_step(sae, cfg):
+            self.fast = FastThresholdStep(sae, cfg.step)
+            self.sync.broadcast_([p.data for p in sae.parameters()])
+        self.objective = objective if objective is not None else SAEObjective(sae)
         self.optimizer = make_optimizer(sae, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         device = sae.W_dec.device
@@ -246,7 +265,11 @@ class Trainer:
         lr, coeff = schedule(s.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, mse, l0, fired = train_step(self.objective, self.sae, self.optimizer, batch, coeff)
+        if self.fast is not None:
+            loss, mse, l0, fired = self._fast_step(batch, coeff)
+        else:
+            loss, mse, l0, fired = train_step(self.objective, self.sae, self.optimizer, batch,
+                                              coeff)
         s.last_fired = torch.where(fired, s.step, s.last_fired)
         self._window.append((s.step, lr, coeff, loss, mse, l0))
         s.step += 1
@@ -255,6 +278,19 @@ class Trainer:
                 self._resample(batch)
         if s.step % cfg.log_every == 0 or s.step == cfg.steps:
             self.flush()
+
+    def _fast_step(self, batch: torch.Tensor, coeff: float):
+        """The hand-written step; across workers the gradients are averaged in one buffer."""
+        terms = self.fast(batch, coeff)
+        if self.sync.world > 1:
+            grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+            flat = self.sync.mean_(torch.cat([g.reshape(-1) for g in grads]))
+            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.view_as(g))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sae.constrain_()
+        return terms
 
     def dead(self, window: int | None = None) -> torch.Tensor:
         """Latents that fired on no worker in the last ``window`` steps (bool, d_sae)."""

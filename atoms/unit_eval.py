@@ -165,7 +165,7 @@ def evaluate_unit_set(units: UnitSet, holdout: torch.Tensor, aip: AIP | None,
     row.update(l0_summary(l0))
     row["l0_mean_tol0"] = float(l0_per_row(codes, 0.0).double().mean())
     row["dead_fraction"] = dead_fraction((codes.abs() > tol).sum(0))
-    coh = coherence(units.directions, aip, cfg.coherence_exact_max_n)
+    coh = coherence(units.directions, aip, cfg.coherence_exact_max_n, l0=l0)
     row.update({k: float(v) for k, v in coh.summary().items()})
     n_local = min(cfg.local_rows, len(x))
     local = local_coherence(codes[:n_local], units.directions, aip, tol)
