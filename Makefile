@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.sweep
+	$(PY) -m benchmarks.q_star
+	$(PY) -m benchmarks.compare_saelens
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

@@ -365,6 +365,25 @@ def monosemanticity(doc: Doc, table: pd.DataFrame) -> None:
         summary["judge"] = summary["unit_set"].map(judges)
     doc.table(tidy(summary, {"unit_set": "unit set", "units": "units", "score": "mean score",
                              "judge": "judge"}))
+    docs = _context_documents(table["source"].unique())
+    if docs is not None:
+        doc.p(f"The top contexts come from {docs} distinct document{'s' * (docs != 1)} of the "
+              "held-out rows. "
+              "With few documents the contexts of every unit share words, and the offline "
+              "heuristic (token agreement + lexical overlap) cannot separate the unit sets; pass "
+              "an LLM judge to analysis.monosemanticity.run_harness for a real reading.")
+
+
+def _context_documents(sources) -> int | None:
+    """Distinct doc_id among the exported top contexts, or None when none were exported."""
+    docs, found = set(), False
+    for source in sources:
+        path = Path(source) / "monosemanticity" / "contexts.jsonl"
+        if path.is_file():
+            found = True
+            with path.open() as f:
+                docs.update((source, json.loads(line).get("doc_id")) for line in f if line.strip())
+    return len(docs) if found else None
 
 
 def provenance(doc: Doc, table: pd.DataFrame) -> None:

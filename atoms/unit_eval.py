@@ -65,7 +65,8 @@ class UnitEvalConfig:
     random_k: int = 32
     """Sparsity K of the OMP codes of random directions when the caller gives none."""
     coherence_exact_max_n: int = 2048
-    """Pairwise coherence is held exactly up to this N, else in a log histogram."""
+    """Pairwise coherence is held whole up to this N; above, it streams into a log histogram
+    (median, p99) and exact counts at the uniqueness thresholds (q* stays exact)."""
 
     def __post_init__(self):
         require(self.sparsity_rows >= 1, "sparsity_rows", f"must be ≥ 1, got {self.sparsity_rows}")

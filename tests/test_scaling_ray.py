@@ -16,6 +16,7 @@ import yaml
 
 from atoms.config import from_dict
 from atoms.study import StudyConfig, cells
+from tests.browser import render
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,12 @@ def test_killed_study_reruns_to_exactly_one_row_per_trial_and_unit_set(tmp_path)
     assert atoms["sparsity_coeff"].between(cfg.sparsity.low, cfg.sparsity.high).all()
     assert atoms["status"].eq("finished").all() and atoms["r2_euclid_centred"].gt(0).all()
     assert (Path(cfg.out) / "summary.md").read_text().count("|M| = ") == 2
+    probe = render(Path(cfg.out) / "report.html", tmp_path)  # the report the job writes
+    assert {"r2_heatmap_0", "q_star_0", "angles"} <= {i["id"] for i in probe["imgs"]}
+    assert all(i["complete"] and i["width"] > 0 for i in probe["imgs"]), probe["imgs"]
+    assert probe["errors"] == [] and probe["console"] == [], probe
+    scores = pd.read_parquet(Path(cfg.out) / "monosemanticity" / "scores.parquet")
+    assert {"atoms", "neurons", "random"} <= set(scores["unit_set"])
 
 
 def test_a_trial_can_be_a_ray_train_run_inside_tune(tmp_path):
