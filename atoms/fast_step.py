@@ -29,11 +29,11 @@ from atoms.sae import SparseAutoencoder, ThresholdSAE
 
 StepMode = Literal["auto", "dense", "sparse", "reference"]
 SPARSE_BELOW = 0.07
-"""Density L0/N below which the sparse path wins (measured by benchmarks/train_step.py)."""
+"""Density L0/N below which auto mode goes sparse on CPUs (the measured crossover, 2 threads:
+about 0.15 at d=576, N=2304 and 0.08 at d=2304, N=9216)."""
 
 RECHECK_EVERY = 10
 """Steps between density reads in auto mode."""
-
 
 
 def fast_step_applies(sae: SparseAutoencoder) -> bool:
