@@ -19,7 +19,7 @@ fp32, and the dense step is one compiled function (``atoms.fused_step``).
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -27,7 +27,7 @@ from atoms.errors import InputError
 from atoms.fused_step import compiled_dense_step
 from atoms.sae import SparseAutoencoder, ThresholdSAE
 
-StepMode = Literal["auto", "dense", "sparse", "reference"]
+StepMode = Literal["auto", "dense", "sparse"]
 SPARSE_BELOW = 0.07
 """Density L0/N below which auto mode goes sparse on CPUs (the measured crossover, 2 threads:
 about 0.15 at d=576, N=2304 and 0.08 at d=2304, N=9216)."""
@@ -51,7 +51,7 @@ class FastThresholdStep:
         if not fast_step_applies(sae):
             raise InputError(f"fast step: needs a threshold SAE with sparsity_loss 'l0', got "
                              f"kind={sae.cfg.kind!r}, sparsity_loss={sae.cfg.sparsity_loss!r}")
-        if mode not in ("auto", "dense", "sparse"):
+        if mode not in get_args(StepMode):
             raise InputError(f"fast step: mode must be auto, dense or sparse, got {mode!r}")
         cuda = sae.W_enc.is_cuda
         self.sae, self.mode = sae, mode

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 from torch import nn
@@ -19,11 +20,11 @@ from atoms.aip import AIP
 from atoms.batches import TensorBatches
 from atoms.config import require
 from atoms.errors import InputError, TrainingDiverged
-from atoms.fast_step import FastThresholdStep, fast_step_applies
+from atoms.fast_step import FastThresholdStep, StepMode, fast_step_applies
 from atoms.sae import SparseAutoencoder
 from atoms.validation import as_rows, check_finite
 
-STEP_MODES = ("auto", "dense", "sparse", "reference")
+STEP_MODES = (*get_args(StepMode), "reference")
 
 
 @dataclass
