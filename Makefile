@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export OPENBLAS_NUM_THREADS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo synthetic test test-fast lint bench clean
+.PHONY: install demo synthetic test test-all test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ demo: $(STAMP)
 synthetic: $(STAMP)
 	$(PY) experiments/synthetic.py
 
+# Every fast test and the slow ones marked `ci`; `test-all` runs every slow one too.
 test: $(STAMP)
+	$(PY) -m pytest -m "not slow or ci"
+
+test-all: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
@@ -38,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.sweep
 	$(PY) -m benchmarks.q_star
 	$(PY) -m benchmarks.compare_saelens
+	$(PY) -m benchmarks.storage
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

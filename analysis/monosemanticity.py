@@ -31,7 +31,9 @@ from analysis.aggregate import at_largest, best, interval_table, load_results
 from analysis.summary import markdown
 from atoms.errors import AtomsError, InputError
 from atoms.io import atomic_path
+from atoms.results import MONOSEMANTICITY, publish_results, pull_results
 from atoms.shards import ShardSet, read_shard
+from atoms.storage import is_remote, locate
 from atoms.units import UnitSet, load_unit_set
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ MAX_ROWS = 4096
 BATCH = 1024
 TOKEN_WEIGHT = 0.75
 """Weight of the marked-token agreement in ``heuristic_judge`` (the rest: lexical overlap)."""
-OUT = "monosemanticity"
+OUT = MONOSEMANTICITY
 KIND = {"tsae": "atoms", "relu": "features", "pretrained": "features"}
 
 
@@ -257,10 +259,10 @@ def _unit_sets(b: pd.DataFrame) -> list[tuple[UnitSet, pd.Series]]:
                                            name), row))
             else:
                 path = row.get("checkpoint_path")
-                if not isinstance(path, str) or not Path(path).exists():
+                if not isinstance(path, str) or not locate(path).exists():
                     log.warning("%s: checkpoint %s not found; skipping it", name, path)
                     continue
-                out.append((load_unit_set(path, KIND[fam], name), row))
+                out.append((load_unit_set(str(locate(path)), KIND[fam], name), row))
     return out
 
 
@@ -293,10 +295,10 @@ def run_harness(study_folder, n_units: int = 16, top_k: int = 8, judge=None, *,
     records, meta = [], []
     for units, row in picks:
         data = row.get("data_folder")
-        if not isinstance(data, str) or not Path(data).is_dir():
+        if not isinstance(data, str) or not locate(data).is_dir():
             raise InputError(f"{study}: data_folder {data!r} of {units.name} not found")
         if data not in cache:
-            paths = _paths(data)
+            paths = _paths(locate(data))
             cache[data] = _read(paths[-min(holdout, len(paths)):], max_rows)
         records += _contexts(units, *cache[data], dec, n_units, top_k, window, seed)
         meta.append({"unit_set": units.name, **{c: row.get(c) for c in
@@ -312,14 +314,17 @@ def run_harness(study_folder, n_units: int = 16, top_k: int = 8, judge=None, *,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", type=Path, help="a study folder (results.parquet or rows/)")
+    parser.add_argument("study", help="a study folder (results.parquet or rows/) or its URI")
     parser.add_argument("--units", type=int, default=16, help="units sampled per unit set")
     parser.add_argument("--top-k", type=int, default=8, help="contexts per unit")
     parser.add_argument("--max-rows", type=int, default=MAX_ROWS, help="held-out rows read")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        out = run_harness(args.study, args.units, args.top_k, max_rows=args.max_rows)
+        study = pull_results(args.study) if is_remote(args.study) else Path(args.study)
+        out = run_harness(study, args.units, args.top_k, max_rows=args.max_rows)
+        if is_remote(args.study):
+            publish_results(study, args.study, (OUT,))
     except AtomsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

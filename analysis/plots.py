@@ -24,6 +24,7 @@ from atoms.batches import DataSplit, read_rows  # noqa: E402
 from atoms.errors import AtomsError  # noqa: E402
 from atoms.metrics import l0_per_row, threshold_interval_check  # noqa: E402
 from atoms.sae import SparseAutoencoder  # noqa: E402
+from atoms.storage import locate  # noqa: E402
 from atoms.units import load_any_sae  # noqa: E402
 
 COLOURS = {"atoms": "#1b6ca8", "relu_features": "#e07b39", "neurons": "#444444",
@@ -266,7 +267,7 @@ def held_out_sample(row: pd.Series, n: int = SAMPLE_ROWS, seed: int = 0) -> torc
     raw = row.get("data_folder")
     if not isinstance(raw, str) or not raw:
         raise Skipped("the results record no data_folder")
-    folder, data = Path(raw), study_config(row).get("data", {})
+    folder, data = locate(raw), study_config(row).get("data", {})
     if not (folder / "manifest.json").is_file():
         raise Skipped(f"activation shards not found at {folder}")
     val, test = int(data.get("validation_rows", 0)), int(data.get("test_rows", n))
@@ -287,7 +288,7 @@ def study_aip(row: pd.Series) -> AIP:
     if not isinstance(path, str) or not path:
         raise Skipped("the results record no aip_path")
     try:
-        return load_aip(path)[0]
+        return load_aip(locate(path))[0]
     except (AtomsError, OSError) as e:
         raise Skipped(f"S̃ not readable: {e}") from None
 
@@ -296,8 +297,8 @@ def sae_folder(row: pd.Series) -> Path:
     """The trial's saved SAE: ``checkpoint_path``, else ``<source>/trials/<trial_key>/sae``
     (a results folder moved from where it was written)."""
     for p in (row.get("checkpoint_path"), f"{row.get('source')}/trials/{row.get('trial_key')}/sae"):
-        if isinstance(p, str) and p and Path(p).exists():
-            return Path(p)
+        if isinstance(p, str) and p and locate(p).exists():
+            return locate(p)
     raise Skipped(f"{row.get('trial_key')}: saved SAE not found at {row.get('checkpoint_path')}")
 
 

@@ -26,7 +26,9 @@ from analysis.aggregate import aggregate, best, headline, interval_table, load_r
 from analysis.scaling_law import KEYS, critical_capacity, fit_power_law, gao_fit, law_summary
 from atoms.errors import AtomsError, InputError
 from atoms.io import atomic_path
+from atoms.results import publish_results, pull_results
 from atoms.shift import pairwise_angles
+from atoms.storage import is_remote
 
 UNIT_COLUMNS = {"unit_set": "unit set", "family": "family", "d_sae_over_h": "|D|/H",
                 "train_rows": "|M|", "n_seeds": "seeds", "r2_euclid_centred": "R²",
@@ -418,6 +420,9 @@ def diverged(doc: Doc, table: pd.DataFrame) -> None:
     doc.table(tidy(bad[cols], {c: c for c in cols}))
 
 
+REPORT_FILES = ("report_files", "report.md", "report.html")
+"""What ``Doc.write`` writes, in that order (the HTML, written last, marks it complete)."""
+
 SECTIONS = (overview, scaling, stability, artefacts, monosemanticity, provenance, diverged)
 
 
@@ -442,13 +447,24 @@ def build_report(paths, out=None) -> tuple[Path, Path]:
     return doc.write(out)
 
 
+def report_for(sources: list[str], out=None) -> tuple[Path, Path]:
+    """``build_report`` for paths or storage URIs: a stored study is read through this node's
+    mirror; its report is written there and, unless ``out`` is given, published beside it."""
+    local = [pull_results(s) if is_remote(s) else Path(s) for s in sources]
+    html, md = build_report(local, out)
+    if out is None and len(sources) == 1 and is_remote(sources[0]):
+        publish_results(local[0], sources[0], REPORT_FILES)
+    return html, md
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", type=Path, help="study folder(s) or results.parquet")
+    parser.add_argument("results", nargs="+",
+                        help="study folder(s), results.parquet or storage URIs (s3://…)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: RESULTS)")
     args = parser.parse_args(argv)
     try:
-        html, md = build_report(args.results, args.out)
+        html, md = report_for(args.results, args.out)
     except AtomsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -110,14 +110,9 @@ class DataSplit:
     @classmethod
     def of(cls, folder, holdout_shards: int = 1, verify: bool = True) -> DataSplit:
         shards = ShardSet.open(folder, verify=verify)
-        infos = shards.manifest.shards
-        if not 1 <= holdout_shards < len(infos):
-            raise InputError(f"holdout_shards: {holdout_shards} of the {len(infos)} shards in "
-                             f"{folder}; need 1 ≤ holdout_shards < shards")
-        cut = len(infos) - holdout_shards
-        rows = [i.rows for i in infos]
-        return cls(Path(folder), shards.d, shards.paths[:cut], sum(rows[:cut]),
-                   shards.paths[cut:], sum(rows[cut:]))
+        train, held = split_rows(shards.manifest, holdout_shards, folder)
+        cut = len(shards.paths) - holdout_shards
+        return cls(Path(folder), shards.d, shards.paths[:cut], train, shards.paths[cut:], held)
 
     def limit(self, rows: int, field: str = "run.train_rows") -> DataSplit:
         """The first ``rows`` training rows (in document order): the shard prefix that holds
@@ -138,6 +133,16 @@ class DataSplit:
     def check_d(self, d_in: int, field: str = "sae.d_in") -> None:
         if d_in != self.d:
             raise InputError(f"{self.folder}: the shard set has d={self.d} but {field}={d_in}")
+
+
+def split_rows(manifest, holdout_shards: int, where) -> tuple[int, int]:
+    """(training rows, held-out rows) of a manifest whose last ``holdout_shards`` are held out."""
+    rows = [i.rows for i in manifest.shards]
+    if not 1 <= holdout_shards < len(rows):
+        raise InputError(f"holdout_shards: {holdout_shards} of the {len(rows)} shards in "
+                         f"{where}; need 1 ≤ holdout_shards < shards")
+    cut = len(rows) - holdout_shards
+    return sum(rows[:cut]), sum(rows[cut:])
 
 
 def parquet_rows(paths: list[Path]) -> int:

@@ -2,6 +2,8 @@
 
 Shard i holds the activations of windows [i·W, (i+1)·W) (W = ``windows_per_shard``) at every
 hook point, one Parquet file per (site, layer) folder. Ray glue lives in atoms/distributed.py.
+``out`` may be a storage URI (s3://…): shards are then written into the node mirror and
+published (atoms/shard_store.py).
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from atoms.activations import SITES, HookPoint, check_hook_points, extract_rows
 from atoms.config import require, to_dict
 from atoms.corpus import iter_documents, token_windows
 from atoms.errors import ConfigError, InputError
-from atoms.io import atomic_path, code_version
+from atoms.io import code_version
 from atoms.models import LoadedModel, load_model
-from atoms.shards import (
-    Manifest,
-    finished_shards,
-    layer_dir,
-    shard_schema,
-    write_manifest,
-    write_shard,
+from atoms.shard_store import (
+    finished_layer_shards,
+    layer_rel,
+    layer_where,
+    publish_shard,
+    save_layer_manifest,
+    shard_width,
 )
+from atoms.shards import Manifest, layer_dir, write_shard
+from atoms.storage import Storage, is_remote, mirror_path, redact
 
 
 @dataclass
@@ -60,6 +64,7 @@ class ExtractConfig:
     actor_gpus: float | None = None
     """GPUs per actor (default: 1 when CUDA is available, else 0)."""
     out: str = "results/activations/smollm2-135m"
+    """Output folder, or a storage URI such as s3://bucket/prefix."""
 
     def __post_init__(self):
         for s in self.sites:
@@ -114,6 +119,8 @@ class ShardExtractor:
         self.points = cfg.hook_points
         check_hook_points(self.loaded.model, self.points)
         self.bos_id = self.loaded.tokenizer.bos_token_id if cfg.prepend_bos else None
+        self.store = Storage(cfg.out) if is_remote(cfg.out) else None
+        self.root = mirror_path(cfg.out) if self.store else cfg.out
 
     def extract(self, input_ids: np.ndarray):
         """Rows of every hook point for these windows, batch by batch (a generator)."""
@@ -125,7 +132,8 @@ class ShardExtractor:
             yield b0, rows
 
     def write(self, index: int, input_ids: np.ndarray, doc_ids: np.ndarray) -> dict:
-        """Extract one shard and write it to every hook point's folder."""
+        """Extract one shard and write it to every hook point's folder (for a storage ``out``:
+        into this node's mirror, then published)."""
         parts = {p: [] for p in self.points}
         token_ids, docs, positions = [], [], []
         window_docs = torch.tensor(doc_ids)
@@ -138,17 +146,20 @@ class ShardExtractor:
         token_ids, docs, positions = (torch.cat(t).numpy() for t in (token_ids, docs, positions))
         tokens = int(input_ids.size)
         for p in self.points:
-            write_shard(layer_dir(self.cfg.out, p.site, p.layer), index,
-                        torch.cat(parts[p]).numpy(), token_ids, docs, positions,
+            folder = layer_dir(self.root, p.site, p.layer)
+            write_shard(folder, index, torch.cat(parts[p]).numpy(), token_ids, docs, positions,
                         dtype=self.cfg.storage_dtype, tokens=tokens)
+            if self.store:
+                publish_shard(self.store.child(layer_rel(p.site, p.layer)), folder, index)
         return {"index": index, "rows": len(token_ids), "tokens": tokens}
 
 
 def pending_shards(cfg: ExtractConfig, n_shards: int) -> list[int]:
-    """Shards not yet finished (sidecar + matching checksum) at every hook point."""
+    """Shards not yet finished (sidecar + matching checksum; stored: sidecar + matching size)
+    at every hook point."""
     done = None
     for p in cfg.hook_points:
-        finished = set(finished_shards(layer_dir(cfg.out, p.site, p.layer)))
+        finished = set(finished_layer_shards(cfg.out, p.site, p.layer))
         done = finished if done is None else done & finished
     return [i for i in range(n_shards) if i not in (done or set())]
 
@@ -159,39 +170,39 @@ _RUN_FIELDS = ("model", "revision", "corpus", "corpus_config", "split", "text_fi
 
 def claim_output(cfg: ExtractConfig) -> None:
     """Record the run's config in ``out``; a rerun must match it field by field (resume)."""
-    path = Path(cfg.out) / "extract_config.json"
+    store, name = Storage(cfg.out), "extract_config.json"
     mine = {k: v for k, v in to_dict(cfg).items() if k in _RUN_FIELDS}
-    if path.is_file():
-        theirs = json.loads(path.read_text())
+    if store.size(name) is not None:
+        theirs = store.read_json(name)
         for key in _RUN_FIELDS:
             if theirs.get(key) != mine[key]:
                 raise ConfigError(
-                    f"{cfg.out}: holds an extraction with {key}={theirs.get(key)!r}, not "
+                    f"{redact(cfg.out)}: holds an extraction with {key}={theirs.get(key)!r}, not "
                     f"{mine[key]!r}; choose another out folder"
                 )
         return
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(mine, indent=2))
+    store.write_text(name, json.dumps(mine, indent=2))
 
 
-def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Path]:
-    """One manifest per hook point, listing its verified shards."""
+def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Path | str]:
+    """One manifest per hook point, listing its verified shards; returns the manifest paths
+    (for a storage ``out``: the stored URIs, the manifests also written to the mirror)."""
     written = []
     for p in cfg.hook_points:
-        folder = layer_dir(cfg.out, p.site, p.layer)
-        shards = finished_shards(folder)
+        shards = finished_layer_shards(cfg.out, p.site, p.layer)
         missing = [i for i in range(n_shards) if i not in shards]
         if missing:
-            raise InputError(f"{folder}: shards {missing[:5]} are not finished")
+            raise InputError(f"{layer_where(cfg.out, p.site, p.layer)}: shards {missing[:5]} "
+                             "are not finished")
         infos = [shards[i] for i in range(n_shards)]
         manifest = Manifest(
             model=cfg.model, revision=revision, site=p.site, layer=p.layer,
-            positions=cfg.positions, d=shard_schema(folder / infos[0].name)[0],
+            positions=cfg.positions, d=shard_width(cfg.out, p.site, p.layer, infos[0].name),
             dtype=cfg.storage_dtype,
             rows=sum(s.rows for s in infos), tokens_seen=sum(s.tokens for s in infos),
             shards=infos, context_len=cfg.context_len, corpus=cfg.corpus, config=to_dict(cfg),
             code_version=code_version(),
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
-        written.append(write_manifest(folder, manifest))
+        written.append(save_layer_manifest(cfg.out, p.site, p.layer, manifest))
     return written

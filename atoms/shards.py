@@ -188,8 +188,11 @@ def _schema_of(schema: pa.Schema, path: Path) -> tuple[int, str]:
     return t.list_size, dtype
 
 
-def shard_schema(path) -> tuple[int, str]:
-    """(d, dtype) of a shard file, from its footer alone."""
+def shard_schema(path, filesystem=None) -> tuple[int, str]:
+    """(d, dtype) of a shard file, from its footer alone (on a pyarrow ``filesystem`` if given:
+    ``path`` is then that filesystem's path)."""
+    if filesystem is not None:
+        return _schema_of(pq.read_schema(path, filesystem=filesystem), path)
     path = Path(path)
     return _schema_of(_open_parquet(path).schema_arrow, path)
 
@@ -366,7 +369,13 @@ def write_manifest(folder, manifest: Manifest) -> Path:
 def load_manifest(folder) -> Manifest:
     """Read ``folder/manifest.json``; errors name the file and the field."""
     path = Path(folder) / MANIFEST
-    data = _load_json(path, "manifest (is the extraction finished?)")
+    return manifest_from_dict(_load_json(path, "manifest (is the extraction finished?)"), path)
+
+
+def manifest_from_dict(data: dict, path) -> Manifest:
+    """A manifest from its parsed JSON; errors name ``path`` (a file or URI) and the field."""
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     missing = [f.name for f in dataclasses.fields(Manifest) if f.name not in data]
     if missing:
         raise InputError(f"{path}: {missing[0]}: required field is missing")

@@ -13,8 +13,8 @@ import sys
 import time
 import zlib
 from collections import deque
-from pathlib import Path
 
+from atoms.storage import Storage
 from atoms.study import StudyConfig, Trial, search_of
 from atoms.trial import StudyContext, execute_trial
 
@@ -133,6 +133,7 @@ def run_sweep(ctx: StudyContext, pending: dict[str, list[Trial]],
     per_trial = 0.5 if ex.trial_executor == "ray" else ex.cpus_per_trial
     concurrent = ex.max_concurrent or max(1, int(cpus // ex.cpus_per_trial))
     callback = _progress_callback(total, progress)
+    out = Storage(ctx.cfg.out)  # Tune's experiment state beside the rows, local or stored
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx),
                                     {"cpu": per_trial, "gpu": 0})
     tuner = tune.Tuner(
@@ -143,7 +144,7 @@ def run_sweep(ctx: StudyContext, pending: dict[str, list[Trial]],
             trial_dirname_creator=lambda t: t.config["trial"]["key"]),
         run_config=tune.RunConfig(
             name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=str((Path(ctx.cfg.out) / "tune").resolve()), verbose=0,
+            storage_path=out.path("tune"), storage_filesystem=out.fs, verbose=0,
             failure_config=tune.FailureConfig(max_failures=ex.retries),
             callbacks=[callback]),
     )

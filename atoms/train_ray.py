@@ -8,11 +8,15 @@ all-reduce (the hand-written threshold-SAE step) or by DDP (other SAEs). Every
 ``checkpoint_every`` steps rank 0 writes a checkpoint (SAELens layout + trainer state with every
 worker's data position) and Ray persists it; after a worker failure ``FailureConfig`` restarts
 the group from the newest one.
+
+A remote ``out`` (a storage URI) is Ray's storage too: checkpoints persist under ``out/ray`` in
+the store through its pyarrow filesystem, rank 0 publishes the final SAE and metrics (or the
+divergence record) through ``atoms.run_store``, and every worker reads a remote data folder from
+its own node's mirror.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +27,7 @@ from atoms.batches import TensorBatches, epoch_files, parquet_rows, read_rows
 from atoms.checkpoint import find_checkpoints, load_checkpoint, write_checkpoint
 from atoms.errors import AtomsError, ConfigError, TrainingDiverged
 from atoms.evaluation import evaluate
-from atoms.io import atomic_path
+from atoms.run_store import RunFolder
 from atoms.train_run import (
     DIVERGED,
     METRICS,
@@ -116,7 +120,7 @@ def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    prep: Prepared = config["prep"]
+    prep: Prepared = config["prep"].on_this_node()
     run, cfg, split = prep.job.run, prep.job.train, prep.split
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -162,8 +166,7 @@ def _worker(config: dict) -> None:
         train_epochs(trainer, source, on_step=on_step, progress=False)
     except TrainingDiverged as e:
         if rank == 0:
-            with open(prep.out / DIVERGED, "w") as f:
-                json.dump({"step": e.step, "message": str(e)}, f)
+            prep.folder().write_json(DIVERGED, {"step": e.step, "message": str(e)}, indent=None)
         return
     seconds = time.perf_counter() - start
     metrics = {"step": trainer.state.step}
@@ -190,23 +193,36 @@ def _check_cpus(run) -> None:
                           "to read shards (the run would hang); lower it")
 
 
+def _storage(folder: RunFolder) -> dict:
+    """Ray Train's storage for the run folder: the local folder, or the store's filesystem and
+    the path within it (Ray persists checkpoints there natively)."""
+    if folder.remote:
+        return {"storage_path": folder.store.root, "storage_filesystem": folder.store.fs}
+    storage = folder.local.resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    return {"storage_path": str(storage)}
+
+
 def train_ray(job: TrainJob, progress: bool = True) -> dict:
-    """Train with Ray Train (resuming from ``out/ray`` if present); returns the final metrics."""
+    """Train with Ray Train (resuming from ``out/ray`` if present, in the store when ``out`` is
+    remote); returns the final metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from atoms.distributed import ensure_ray
+    from atoms.distributed import ensure_ray, worker_env
 
     prep = prepare(job)
-    if (done := finished_metrics(prep.out)) is not None:
-        return done
     run = job.run
-    storage = prep.out.resolve()
-    existing = find_checkpoints(storage / RAY_FOLDER, "checkpoint_*")
+    if (done := finished_metrics(run.out)) is not None:
+        return done
+    folder = prep.folder()
+    newest = folder.pull_checkpoint(RAY_FOLDER, "checkpoint_*")  # remote: the stored newest
+    existing = [newest] if newest else find_checkpoints(folder.local / RAY_FOLDER,
+                                                        "checkpoint_*")
     if existing:  # a checkpoint of another architecture fails here, before Ray starts
         load_checkpoint(existing[-1], expect=prep.sae_cfg)
-    (prep.out / DIVERGED).unlink(missing_ok=True)
-    storage.mkdir(parents=True, exist_ok=True)
+    folder.delete(DIVERGED)
+    storage = _storage(folder)
     ensure_ray(progress)
     _check_cpus(run)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
@@ -214,22 +230,23 @@ def train_ray(job: TrainJob, progress: bool = True) -> dict:
         _worker, train_loop_config={"prep": prep},
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=RAY_FOLDER, storage_path=str(storage),
+        run_config=RunConfig(name=RAY_FOLDER, **storage,
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              checkpoint_config=CheckpointConfig(
-                                 num_to_keep=run.keep_checkpoints)))
+                                 num_to_keep=run.keep_checkpoints),
+                             # workers mirror remote folders where this process does
+                             worker_runtime_env=worker_env() or None))
     start = time.perf_counter()
     result = trainer.fit()
     fit_seconds = time.perf_counter() - start
-    if (prep.out / DIVERGED).exists():
-        error = json.loads((prep.out / DIVERGED).read_text())
+    if (error := folder.read_json(DIVERGED)) is not None:
         last = result.checkpoint.path if result.checkpoint is not None else None
-        msg = write_diverged(prep.out, TrainingDiverged(error["message"], error["step"]), last)
+        msg = write_diverged(run.out, TrainingDiverged(error["message"], error["step"]),
+                             folder.fs_path_to_show(last) if last else None)
         raise TrainingDiverged(msg, step=error["step"])
-    metrics = finished_metrics(prep.out)
+    metrics = finished_metrics(run.out)
     if metrics is None:
-        raise AtomsError(f"{prep.out}: the Ray Train run ended without {METRICS}")
+        raise AtomsError(f"{folder.show()}: the Ray Train run ended without {METRICS}")
     metrics["timings"]["fit_seconds"] = fit_seconds
-    with atomic_path(prep.out / METRICS) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=1))
+    folder.write_json(METRICS, metrics)
     return metrics

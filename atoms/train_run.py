@@ -4,11 +4,15 @@ A run folder ``out`` holds ``checkpoints/step_*`` (plain) or ``ray/`` (Ray Train
 finished, ``sae/`` (the final SAE, SAELens layout, input scaling folded) and ``metrics.json``
 (final held-out and train metrics, history, config, timings). A diverged run writes
 ``diverged.json`` instead. Rerunning an unfinished run resumes from its last checkpoint.
+
+``out`` (and ``data``) may be storage URIs (``atoms.storage``): training then works in the
+node's mirror of ``out`` and publishes each checkpoint, the final SAE and ``metrics.json`` to the
+store as they are written (``atoms.run_store``), so the run resumes on any node.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import time
@@ -30,20 +34,27 @@ from atoms.checkpoint import (
 from atoms.config import from_dict, require, to_dict
 from atoms.errors import InputError, TrainingDiverged
 from atoms.evaluation import evaluate
-from atoms.io import atomic_path, code_version
+from atoms.io import code_version
+from atoms.run_store import RunFolder, local_folder
 from atoms.sae import SAEConfig, SparseAutoencoder, build_sae
 from atoms.sae_io import save_sae
+from atoms.shard_store import local_layer
+from atoms.storage import Storage, is_remote, pull_file, redact, redact_all
 from atoms.training import TrainConfig, Trainer, train_epochs
 
 METRICS = "metrics.json"
 DIVERGED = "diverged.json"
+CHECKPOINTS = "checkpoints"
+AIP_FILE = "aip.safetensors"
 
 
 @dataclass
 class RunConfig:
     data: str
-    """Shard folder of one (site, layer): ``<root>/<site>/layer_<l>``."""
+    """Shard folder of one (site, layer): ``<root>/<site>/layer_<l>``; a local path or a
+    storage URI (mirrored on each node that reads it)."""
     out: str = "results/train/run"
+    """Run folder: a local path or a storage URI (``s3://bucket/prefix?…``)."""
     holdout_shards: int = 1
     """The last this-many shards (later documents) are held out for evaluation."""
     eval_rows: int = 16384
@@ -54,7 +65,7 @@ class RunConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     aip: str = "auto"
-    """'auto' (``<data>/aip.safetensors`` when present), 'none', or a path."""
+    """'auto' (``<data>/aip.safetensors`` when present), 'none', or a path or URI."""
     executor: Literal["plain", "ray"] = "plain"
     workers: int = 1
     """Ray Train workers (data-parallel; the global batch is split between them)."""
@@ -109,7 +120,11 @@ class Prepared:
 
     @property
     def out(self) -> Path:
-        return Path(self.job.run.out)
+        """The local run folder: ``run.out``, or this node's mirror of it when remote."""
+        return local_folder(self.job.run.out)
+
+    def folder(self) -> RunFolder:
+        return RunFolder(self.job.run.out)
 
     @property
     def eval_every(self) -> int:
@@ -126,16 +141,40 @@ class Prepared:
     def aip(self) -> AIP | None:
         return load_aip(self.aip_path)[0] if self.aip_path is not None else None
 
+    def aip_source(self) -> str | None:
+        """Where the AIP came from, as recorded: its path, or its stored URI (redacted)."""
+        run = self.job.run
+        if self.aip_path is None or not (is_remote(run.aip) or is_remote(run.data)):
+            return str(self.aip_path) if self.aip_path else None
+        return redact(run.aip) if is_remote(run.aip) else Storage(run.data).show(AIP_FILE)
+
     def metadata(self) -> dict:
-        return {"data": str(self.split.folder), "holdout_shards": self.job.run.holdout_shards}
+        data = redact(self.job.run.data) if is_remote(self.job.run.data) else str(self.split.folder)
+        return {"data": data, "holdout_shards": self.job.run.holdout_shards}
+
+    def on_this_node(self) -> Prepared:
+        """This job with its data and AIP paths on this node (a Ray worker on another node
+        pulls a remote data folder to its own mirror; checksums verified on first use)."""
+        run = self.job.run
+        if not (is_remote(run.data) or is_remote(run.aip)):
+            return self
+        split = self.split
+        folder = local_layer(run.data)
+        if folder != split.folder:
+            split = DataSplit.of(folder, run.holdout_shards)
+            if run.train_rows:
+                split = split.limit(run.train_rows)
+        return dataclasses.replace(self, split=split, aip_path=_aip_path(run, folder))
 
 
-def _aip_path(run: RunConfig) -> Path | None:
+def _aip_path(run: RunConfig, data: Path) -> Path | None:
     if run.aip == "none":
         return None
     if run.aip == "auto":
-        path = Path(run.data) / "aip.safetensors"
+        path = data / AIP_FILE
         return path if path.exists() else None
+    if is_remote(run.aip):
+        return pull_file(run.aip)
     if not Path(run.aip).exists():
         raise InputError(f"run.aip: {run.aip} does not exist")
     return Path(run.aip)
@@ -145,7 +184,7 @@ def prepare(job: TrainJob) -> Prepared:
     """Check the job against its shard set (width, shard counts, batch split) and fix the
     input scale s (E‖s·x‖² = 1 on up to 16k training rows) so every executor uses the same."""
     run = job.run
-    split = DataSplit.of(run.data, run.holdout_shards)
+    split = DataSplit.of(local_layer(run.data), run.holdout_shards)
     if run.train_rows:
         split = split.limit(run.train_rows)
     sae_dict = {"seed": job.train.seed, **job.sae}
@@ -165,7 +204,7 @@ def prepare(job: TrainJob) -> Prepared:
     sample = train_sample(split, 16384)
     mean_sq = float(sample.double().pow(2).sum(1).mean())
     scale = 1.0 / math.sqrt(mean_sq) if mean_sq > 0 else 1.0
-    return Prepared(job, split, sae_cfg, _aip_path(run), scale)
+    return Prepared(job, split, sae_cfg, _aip_path(run, split.folder), scale)
 
 
 class StepTimer:
@@ -204,6 +243,7 @@ def inject_fault(trainer: Trainer, run: RunConfig, out: Path, last_worker: bool)
         return
     marker = out / FAULT_MARKER
     if last_worker and not marker.exists():
+        out.mkdir(parents=True, exist_ok=True)
         marker.touch()
         if run.executor == "ray":
             os._exit(1)  # the worker process dies; Ray Train restarts the group
@@ -219,37 +259,39 @@ def train_sample(split: DataSplit, rows: int) -> torch.Tensor:
 
 
 def finished_metrics(out) -> dict | None:
-    """The metrics of a finished run in ``out`` (None when it has not finished)."""
-    path = Path(out) / METRICS
-    return json.loads(path.read_text()) if path.exists() else None
+    """The metrics of a finished run in ``out``, a path or URI (None when it has not finished)."""
+    return RunFolder(out).read_json(METRICS)
 
 
 def write_final(prep: Prepared, sae: SparseAutoencoder, trainer_state, metrics: dict,
                 timings: dict) -> Path:
-    """``out/sae`` then ``out/metrics.json`` (last, so its presence means finished)."""
-    out = prep.out
-    sae_dir = save_sae(sae, out / "sae", prep.metadata())
+    """``out/sae`` then ``out/metrics.json`` (last, so its presence means finished); for a
+    remote ``out`` both are written locally, then published in that order, and ``sae_path``
+    is the stored URI of ``sae/``. Returns the local metrics.json."""
+    folder = prep.folder()
+    sae_dir = save_sae(sae, folder.local / "sae", prep.metadata())
+    folder.publish_folder(sae_dir)
     record = {
-        "status": "finished", "step": trainer_state.step, "sae_path": str(sae_dir),
+        "status": "finished", "step": trainer_state.step,
+        "sae_path": folder.uri_of("sae") if folder.remote else str(sae_dir),
         **metrics, "resampled": trainer_state.resampled, "timings": timings,
         "resumed_from": trainer_state.resumed_from,
         "history": trainer_state.history, "evals": trainer_state.evals,
-        "config": {"run": to_dict(prep.job.run), "sae": to_dict(prep.sae_cfg),
+        "config": {"run": redact_all(to_dict(prep.job.run)), "sae": to_dict(prep.sae_cfg),
                    "train": to_dict(prep.job.train)},
-        "input_scale": prep.input_scale, "aip": str(prep.aip_path) if prep.aip_path else None,
+        "input_scale": prep.input_scale, "aip": prep.aip_source(),
         "code_version": code_version(),
     }
-    with atomic_path(out / METRICS) as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
-    return out / METRICS
+    return folder.write_json(METRICS, record)
 
 
 def write_diverged(out, error: TrainingDiverged, last_checkpoint: str | None) -> str:
-    """Record a divergence; returns the message naming the last good checkpoint."""
+    """Record a divergence in the run folder ``out`` (path or URI); returns the message naming
+    the last good checkpoint."""
     msg = f"{error} — last good checkpoint: {last_checkpoint or 'none'}"
-    with atomic_path(Path(out) / DIVERGED) as tmp:
-        tmp.write_text(json.dumps({"status": "diverged", "step": error.step, "message": msg,
-                                   "last_checkpoint": last_checkpoint}))
+    RunFolder(out).write_json(DIVERGED, {"status": "diverged", "step": error.step,
+                                         "message": msg, "last_checkpoint": last_checkpoint},
+                              indent=None)
     return msg
 
 
@@ -264,14 +306,17 @@ def final_metrics(prep: Prepared, trainer: Trainer, holdout: torch.Tensor,
 
 
 def train_local(job: TrainJob, progress: bool = True) -> dict:
-    """Train in this process (resuming from ``out/checkpoints``); returns the final metrics."""
+    """Train in this process (resuming from ``out/checkpoints``, the stored ones when ``out``
+    is remote); returns the final metrics."""
     prep = prepare(job)
-    if (done := finished_metrics(prep.out)) is not None:
+    if (done := finished_metrics(job.run.out)) is not None:
         return done
     run, cfg = job.run, job.train
     if run.torch_threads:
         torch.set_num_threads(run.torch_threads)
-    ck_root = prep.out / "checkpoints"
+    folder = prep.folder()
+    ck_root = folder.local / CHECKPOINTS
+    folder.pull_checkpoint(CHECKPOINTS, "step_*")
     existing = find_checkpoints(ck_root)
     if existing:
         sae, payload = load_checkpoint(existing[-1], expect=prep.sae_cfg)
@@ -288,7 +333,7 @@ def train_local(job: TrainJob, progress: bool = True) -> dict:
                               shuffle_rows=run.shuffle_rows)
     holdout = read_rows(split.holdout, split.d, run.eval_rows)
     aip, timer = prep.aip(), StepTimer(cfg.batch_size)
-    (prep.out / DIVERGED).unlink(missing_ok=True)
+    folder.delete(DIVERGED)
 
     def on_step(t: Trainer) -> None:
         step = t.state.step
@@ -298,15 +343,19 @@ def train_local(job: TrainJob, progress: bool = True) -> dict:
             t.state.evals.append({"step": step, **evaluate(t.sae, holdout, aip)})
         if step % run.checkpoint_every == 0 or step == cfg.steps:
             t.flush()  # a non-finite loss stops here, before it can reach a checkpoint
-            write_checkpoint(t.sae, t.state_dict(), step_folder(ck_root, step), prep.metadata())
+            written = write_checkpoint(t.sae, t.state_dict(), step_folder(ck_root, step),
+                                       prep.metadata())
+            folder.publish_checkpoint(written)
             prune_checkpoints(ck_root, run.keep_checkpoints)
+            folder.prune_stored(CHECKPOINTS, "step_*", find_checkpoints(ck_root))
 
     start = time.perf_counter()
     try:
         train_epochs(trainer, source, on_step=on_step, progress=progress)
     except TrainingDiverged as e:
         last = find_checkpoints(ck_root)
-        msg = write_diverged(prep.out, e, str(last[-1]) if last else None)
+        shown = folder.show(last[-1].relative_to(folder.local).as_posix()) if last else None
+        msg = write_diverged(run.out, e, shown)
         raise TrainingDiverged(msg, step=e.step) from None
     seconds = time.perf_counter() - start
     train_rows = train_sample(split, run.eval_rows)
@@ -315,4 +364,4 @@ def train_local(job: TrainJob, progress: bool = True) -> dict:
     write_final(prep, trainer.sae, trainer.state, metrics,
                 {"train_seconds": seconds, **timer.summary(), "executor": "plain",
                  "workers": 1})
-    return finished_metrics(prep.out)
+    return finished_metrics(run.out)

@@ -333,7 +333,10 @@ class Trainer:
         exact = {k: v.detach().cpu().clone() for k, v in self.sae.named_parameters()
                  if k in ("b_enc", "b_dec", "threshold")}
         exact["input_scale"] = self.sae.input_scale.detach().cpu().clone()
+        fast = {} if self.fast is None else {"fast_step": {"calls": self.fast.calls,
+                                                           "density": self.fast.density}}
         return {
+            **fast,  # the auto step's dense/sparse choice, so a resumed run makes the same one
             "optimizer": self.optimizer.state_dict(),
             "state": {**s.__dict__, "last_fired": s.last_fired.cpu(), "rng": self.gen.get_state()},
             "exact": exact,
@@ -349,6 +352,9 @@ class Trainer:
                 target = self.sae.input_scale if name == "input_scale" else params[name]
                 target.copy_(value)
         self.optimizer.load_state_dict(payload["optimizer"])
+        if self.fast is not None and "fast_step" in payload:
+            self.fast.calls = int(payload["fast_step"]["calls"])
+            self.fast.density = float(payload["fast_step"]["density"])
         fields = dict(payload["state"])
         self.gen.set_state(fields.pop("rng"))
         fields["last_fired"] = fields["last_fired"].to(self.sae.W_dec.device)

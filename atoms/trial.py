@@ -3,6 +3,8 @@
 Executor-agnostic: a Ray Tune trial, the sequential benchmark and the tests all call
 ``execute_trial``. A trained trial keeps its run folder ``<out>/trials/<key>`` (checkpoints,
 the final SAE, metrics.json), so a retried or rerun trial resumes from its last checkpoint.
+``out``, the shard folder and S̃ may be storage URIs (``atoms.storage``): a trial on any node
+reads them through its node's mirror and publishes its checkpoints and rows to the store.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 
@@ -24,9 +25,10 @@ from atoms.batches import DataSplit, parquet_rows
 from atoms.config import to_dict
 from atoms.errors import TrainingDiverged
 from atoms.evaluation import evaluate
-from atoms.io import atomic_path
 from atoms.results import ResultStore
 from atoms.sae_io import load_sae
+from atoms.shard_store import local_layer
+from atoms.storage import Storage, fetch, mirror_path, redact
 from atoms.study import UNIT_SET, StudyConfig, Trial, run_config, search_of, trial_steps
 from atoms.train_run import TrainJob, finished_metrics, train_local, train_sample
 from atoms.unit_eval import evaluate_unit_set
@@ -42,7 +44,7 @@ class StudyContext:
 
     cfg: StudyConfig
     folder: str
-    """The shard folder of the study's (site, layer)."""
+    """The shard folder of the study's (site, layer): a path or a storage URI."""
     h: int
     aip_path: str | None
     validation: torch.Tensor
@@ -52,11 +54,15 @@ class StudyContext:
     threads: int = 1
 
     @property
-    def out(self) -> Path:
-        return Path(self.cfg.out)
+    def out(self) -> str:
+        return self.cfg.out
+
+    def trial_out(self, key: str) -> str:
+        """The run folder of trial ``key``: ``<out>/trials/<key>`` (a path or a URI)."""
+        return Storage(self.out).uri_of(f"trials/{key}")
 
     def aip(self) -> AIP | None:
-        return load_aip(self.aip_path)[0] if self.aip_path else None
+        return load_aip(fetch(self.aip_path))[0] if self.aip_path else None
 
 
 def objective(r2_centred: float, l0_mean: float, target_l0: float) -> float:
@@ -66,16 +72,16 @@ def objective(r2_centred: float, l0_mean: float, target_l0: float) -> float:
     return (1.0 - r2_centred) + max(0.0, math.log(max(l0_mean, 1e-12) / target_l0))
 
 
-def _claim_folder(folder: Path, spec: dict) -> None:
-    """Keep ``folder`` only if it belongs to this exact trial (an interrupted Optuna sample
-    may come back with another λ); otherwise start it afresh."""
-    path = folder / SPEC
-    if path.exists() and json.loads(path.read_text()) != spec:
-        shutil.rmtree(folder)
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(spec, sort_keys=True))
+def _claim_folder(folder: str, spec: dict) -> None:
+    """Keep the run folder (path or URI) only if it belongs to this exact trial (an
+    interrupted Optuna sample may come back with another λ); otherwise start it afresh."""
+    store = Storage(folder)
+    spec = json.loads(json.dumps(spec))  # as it reads back
+    if store.size(SPEC) is not None and store.read_json(SPEC) != spec:
+        store.delete("")
+        shutil.rmtree(mirror_path(folder), ignore_errors=True)
+    if store.size(SPEC) is None:
+        store.write_json(SPEC, spec)
 
 
 def train_job(ctx: StudyContext, trial: Trial) -> TrainJob:
@@ -90,8 +96,7 @@ def train_job(ctx: StudyContext, trial: Trial) -> TrainJob:
            else "relu"}
     if trial.family == "relu":
         sae.pop("sparsity_loss", None)
-    folder = ctx.out / "trials" / trial.key
-    run = run_config(cfg, ctx.folder, str(folder), trial.train_rows, ctx.threads)
+    run = run_config(cfg, ctx.folder, ctx.trial_out(trial.key), trial.train_rows, ctx.threads)
     return TrainJob(run=run, sae=sae, train=train)
 
 
@@ -104,7 +109,7 @@ def rows_used(split, job: TrainJob) -> int:
 
 def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
     job = train_job(ctx, trial)
-    _claim_folder(Path(job.run.out), {"trial": dataclasses.asdict(trial),
+    _claim_folder(job.run.out, {"trial": dataclasses.asdict(trial),
                                       "job": {"sae": job.sae, "train": to_dict(job.train)}})
     info = {"steps": job.train.steps, "batch_size": job.train.batch_size,
             "epochs": job.train.steps * job.train.batch_size / trial.train_rows,
@@ -119,13 +124,13 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
         return [], {**info, "status": "diverged", "message": str(e), "objective":
                     DIVERGED_OBJECTIVE}
     metrics = metrics or finished_metrics(job.run.out)
-    sae = load_sae(metrics["sae_path"])
+    sae = load_sae(fetch(metrics["sae_path"]))
     name, kind = UNIT_SET[trial.family]
     val = evaluate(sae, ctx.validation, ctx.aip(), prefix="")
-    split = DataSplit.of(ctx.folder, job.run.holdout_shards, verify=False).limit(
+    split = DataSplit.of(local_layer(ctx.folder), job.run.holdout_shards, verify=False).limit(
         trial.train_rows)  # the run verified the shards already
     info.update(
-        status="finished", checkpoint_path=metrics["sae_path"],
+        status="finished", checkpoint_path=redact(metrics["sae_path"]),
         train_seconds=metrics["timings"].get("train_seconds"),
         steady_rows_per_s=metrics["timings"].get("steady_rows_per_s"),
         val_r2_euclid_centred=val["r2_euclid_centred"], val_l0_mean=val["l0_mean"],
@@ -133,7 +138,7 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
                             ctx.cfg.sparsity.target_l0),
         **{k[5:]: metrics[k] for k in metrics if k.startswith("eval_theta")},
         train_rows_used=rows_used(split, job))
-    units = UnitSet.from_sae(sae, name, kind, metrics["sae_path"])
+    units = UnitSet.from_sae(sae, name, kind, redact(metrics["sae_path"]))
     return [(units, sae, train_sample(split, ctx.cfg.data.test_rows))], info
 
 
@@ -143,9 +148,9 @@ def _fixed(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
     if trial.family == "random":
         units = UnitSet.random(ctx.h, trial.d_sae, seed=trial.seed)
         return [(units, None, None)], {"status": "finished"}
-    sae, layout = load_any_sae(trial.path)
-    units = UnitSet.from_sae(sae, trial.name, "features", f"{layout}:{trial.path}")
-    return [(units, sae, None)], {"status": "finished", "checkpoint_path": trial.path}
+    sae, layout = load_any_sae(fetch(trial.path))
+    units = UnitSet.from_sae(sae, trial.name, "features", f"{layout}:{redact(trial.path)}")
+    return [(units, sae, None)], {"status": "finished", "checkpoint_path": redact(trial.path)}
 
 
 def execute_trial(ctx: StudyContext, trial: Trial) -> dict:
@@ -162,8 +167,8 @@ def execute_trial(ctx: StudyContext, trial: Trial) -> dict:
         (trial.d_sae / ctx.h) if trial.d_sae else None, "train_rows": trial.train_rows or None,
         "seed": trial.seed, "sparsity_coeff": trial.coeff,
         "sparsity_search": search_of(ctx.cfg, trial.family)[0] if trained else None,
-        "h": ctx.h, "aip_path": ctx.aip_path, "r2_primary": "r2_euclid_centred",
-        "q_star_primary": "q_star_pairwise", **ctx.meta,
+        "h": ctx.h, "aip_path": redact(ctx.aip_path) if ctx.aip_path else None,
+        "r2_primary": "r2_euclid_centred", "q_star_primary": "q_star_pairwise", **ctx.meta,
         "started_at": started, "host": platform.node(), **info,
     }
     rows = []

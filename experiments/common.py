@@ -18,7 +18,9 @@ def config_parser(description: str, default_config: Path) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=default_config,
                         help=f"YAML config (default: {default_config})")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (overrides config)")
+    parser.add_argument("--out", default=None,
+                        help="output folder or storage URI such as s3://bucket/prefix "
+                        "(overrides config)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

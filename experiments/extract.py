@@ -1,8 +1,10 @@
 """Extract activations of a causal LM into checksummed Parquet shards with Ray Data.
 
     python experiments/extract.py [--config experiments/configs/models/smollm2-135m.yaml]
+                                  [--out FOLDER | s3://bucket/prefix]
 
-Rerunning resumes: verified shards are skipped, damaged ones are redone.
+Rerunning resumes: verified shards are skipped, damaged ones are redone. An ``out`` that cannot
+be written fails before any model is loaded.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 
 from atoms.config import load_yaml
 from atoms.distributed import run_extraction
+from atoms.storage import Storage, redact
 from experiments.common import config_parser, run
 from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
 
@@ -20,9 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_yaml(DataConfig, args.config)
     if args.out is not None:
         cfg.extract.out = str(args.out)
+    Storage(cfg.extract.out).check_writable("out")
     manifests = run_extraction(cfg.extract, progress=not args.quiet)
     for path in manifests:
-        print(f"wrote {path}")
+        print(f"wrote {redact(path)}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ trial of the grid |D| × |M| × seed × λ (λ gridded or proposed by Optuna) pl
 trial writes its rows to <out>/rows/; a rerun skips finished trials and does the rest. Ends
 with <out>/results.parquet, <out>/summary.md, top-activating contexts with offline judge scores
 (<out>/monosemanticity/) and <out>/report.html (+ report.md).
+
+``out``, ``data.extract.out`` and ``data.shards`` may be storage URIs (s3://bucket/prefix, …;
+see atoms.storage), so every node of a cluster reads and writes the same place; an unwritable
+one fails before any work.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ import time
 from pathlib import Path
 
 from analysis.monosemanticity import run_harness
-from analysis.report import build_report
+from analysis.report import REPORT_FILES, build_report
 from analysis.summary import summarise
-from atoms.batches import DataSplit, read_rows
+from atoms.batches import DataSplit, read_rows, split_rows
 from atoms.config import to_dict
 from atoms.distributed import ensure_ray, run_extraction
 from atoms.errors import AtomsError, ConfigError
-from atoms.io import atomic_path, code_version
-from atoms.results import ResultStore
-from atoms.shards import layer_dir, load_manifest
+from atoms.io import code_version
+from atoms.results import MONOSEMANTICITY, ResultStore, publish_results, pull_results
+from atoms.shard_store import layer_rel, load_layer_manifest, local_layer
+from atoms.shards import load_manifest
+from atoms.storage import Storage, is_remote, redact, redact_all
 from atoms.study import StudyConfig, Trial, cells, check_scale
 from atoms.sweep import run_sweep
 from atoms.trial import StudyContext
@@ -58,36 +64,42 @@ def planned_split(cfg: StudyConfig) -> tuple[int, int]:
     return (windows - held_windows) * per_window, held_windows * per_window
 
 
-def shard_folder(cfg: StudyConfig, progress: bool) -> Path:
-    """The study's shard folder: given, or extracted now (finished shards are kept)."""
+def _layer(ex) -> str:
+    return layer_rel(ex.sites[0], ex.layers[0])
+
+
+def shard_folder(cfg: StudyConfig, progress: bool) -> str:
+    """The study's shard folder (path or URI): given, or extracted now (finished shards are
+    kept)."""
     if cfg.data.shards:
-        return Path(cfg.data.shards)
+        return cfg.data.shards
     ex = cfg.data.extract
     run_extraction(ex, progress=progress)
-    return layer_dir(ex.out, ex.sites[0], ex.layers[0])
+    return Storage(ex.out).uri_of(_layer(ex))
 
 
-def ensure_aip(cfg: StudyConfig, folder: Path, progress: bool) -> Path:
-    """``<folder>/aip.safetensors``, fitted from every shard (uncentred) when missing."""
-    path = folder / "aip.safetensors"
-    if not path.exists():
-        path, aip, rows = fit_layer_aip(folder, AIPFitConfig(floor=cfg.data.aip_floor), progress)
+def ensure_aip(cfg: StudyConfig, folder: str, progress: bool) -> str:
+    """``<folder>/aip.safetensors`` (path or URI), fitted from every shard (uncentred) when
+    missing."""
+    store = Storage(folder)
+    if store.size("aip.safetensors") is None:
+        _, aip, rows = fit_layer_aip(folder, AIPFitConfig(floor=cfg.data.aip_floor), progress)
         print(f"fitted S̃ on {rows} rows (condition number {aip.condition_number:.3g})")
-    return path
+    return store.uri_of("aip.safetensors")
 
 
-def context(cfg: StudyConfig, folder: Path, aip_path: Path) -> StudyContext:
-    folder = folder.resolve()
-    split = DataSplit.of(folder, cfg.data.holdout_shards)
-    check_scale(cfg, split.train_rows, split.holdout_rows, str(folder))
+def context(cfg: StudyConfig, folder: str, aip_path: str) -> StudyContext:
+    local = local_layer(folder)  # a URI's shards come to this node's mirror
+    split = DataSplit.of(local, cfg.data.holdout_shards)  # every sha256 checked
+    check_scale(cfg, split.train_rows, split.holdout_rows, redact(folder))
     held = read_rows(split.holdout, split.d, cfg.data.validation_rows + cfg.data.test_rows)
-    manifest = load_manifest(folder)
+    manifest = load_manifest(local)
     meta = {"model": manifest.model, "revision": manifest.revision, "site": manifest.site,
             "layer": manifest.layer, "positions": manifest.positions,
-            "data_folder": str(folder), "code_version": code_version(),
-            "study_config": json.dumps(to_dict(cfg), sort_keys=True)}
+            "data_folder": redact(Storage(folder).uri), "code_version": code_version(),
+            "study_config": json.dumps(redact_all(to_dict(cfg)), sort_keys=True)}
     threads = max(1, int(cfg.execution.cpus_per_trial))
-    return StudyContext(cfg, str(folder), split.d, str(aip_path.resolve()),
+    return StudyContext(cfg, Storage(folder).uri, split.d, Storage(aip_path).uri,
                         held[: cfg.data.validation_rows].clone(),
                         held[cfg.data.validation_rows:].clone(), meta, threads)
 
@@ -108,36 +120,53 @@ def plan(cfg: StudyConfig, h: int, store: ResultStore):
     return pending, done, total
 
 
-def write_plan(cfg: StudyConfig, out: Path, pending: dict[str, list[Trial]], total: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "study.json") as tmp:
-        tmp.write_text(json.dumps({"config": to_dict(cfg), "trials": total,
-                                   "pending": [dataclasses.asdict(t) for v in pending.values()
-                                               for t in v]}, indent=1))
+def write_plan(cfg: StudyConfig, pending: dict[str, list[Trial]], total: int) -> None:
+    Storage(cfg.out).write_json("study.json", {
+        "config": redact_all(to_dict(cfg)), "trials": total,
+        "pending": [dataclasses.asdict(t) for v in pending.values() for t in v]})
 
 
 def precheck(cfg: StudyConfig) -> None:
-    """Every check that needs no model and no Ray: |M| and held-out sizes against the rows
-    that exist (or that the extraction will give), and the grid against H."""
+    """Every check that needs no model and no Ray: the output (and extraction) storage is
+    writable, |M| and held-out sizes against the rows that exist (or that the extraction will
+    give), and the grid against H."""
+    Storage(cfg.out).check_writable("out")
     for p in cfg.baselines.pretrained:
-        if not Path(p.path).exists():
-            raise ConfigError(f"baselines.pretrained: {p.name}: {p.path} does not exist")
+        if not Storage(p.path).exists():
+            raise ConfigError(f"baselines.pretrained: {p.name}: {redact(p.path)} does not exist")
     ex = cfg.data.extract
-    folder = Path(cfg.data.shards) if cfg.data.shards else layer_dir(
-        ex.out, ex.sites[0], ex.layers[0])
-    if (folder / "manifest.json").exists() or cfg.data.shards:
-        split = DataSplit.of(folder, cfg.data.holdout_shards, verify=False)
-        check_scale(cfg, split.train_rows, split.holdout_rows, str(folder))
-        cells(cfg, split.d)
+    if not cfg.data.shards:
+        Storage(ex.out).check_writable("data.extract.out")
+    folder = cfg.data.shards or Storage(ex.out).uri_of(_layer(ex))
+    if cfg.data.shards or Storage(folder).exists("manifest.json"):
+        manifest = load_layer_manifest(folder)  # a stored one is read, not its shards
+        where = redact(folder)
+        check_scale(cfg, *split_rows(manifest, cfg.data.holdout_shards, where), where)
+        cells(cfg, manifest.d)
     else:
         train, held = planned_split(cfg)
         check_scale(cfg, train, held, f"data.extract (max_tokens={ex.max_tokens})")
 
 
+def finish(cfg: StudyConfig, store: ResultStore) -> tuple[str, Path, Path, Path]:
+    """results.parquet, summary.md, monosemanticity/ and the report, built in a local folder
+    (``out`` itself, or its node mirror) and published to ``out`` when it is a URI."""
+    table_path = store.write_table()
+    local = pull_results(cfg.out)
+    summary_path = summarise(store.table(), local)
+    print(summary_path.read_text())
+    print(f"monosemanticity (offline heuristic judge): {run_harness(local)}", flush=True)
+    report_html, report_md = build_report(local)
+    if is_remote(cfg.out):
+        publish_results(local, cfg.out, (summary_path.name, MONOSEMANTICITY, *REPORT_FILES))
+        print(f"published to {redact(cfg.out)}")
+    return table_path, summary_path, report_html, report_md
+
+
 def main(argv: list[str] | None = None) -> None:
     args = config_parser(__doc__.splitlines()[0], DEFAULT_CONFIG).parse_args(argv)
     cfg = load_config(StudyConfig, args)
-    cfg.out = str(Path(cfg.out).resolve())  # trials run in other working directories
+    cfg.out = Storage(cfg.out).uri  # trials run in other working directories
     progress = not args.quiet
     start = time.perf_counter()
     precheck(cfg)
@@ -150,15 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     pending, done, total = plan(cfg, ctx.h, store)
     n_pending = sum(len(v) for v in pending.values())
     print(f"study {cfg.name}: {total} trials, {total - n_pending} finished, {n_pending} to run "
-          f"(H = {ctx.h}, {folder})", flush=True)
-    write_plan(cfg, Path(cfg.out), pending, total)
+          f"(H = {ctx.h}, {redact(folder)})", flush=True)
+    write_plan(cfg, pending, total)
     failed = run_sweep(ctx, pending, done, progress=progress)
-    table_path = store.write_table()
-    summary_path = summarise(store.table(), Path(cfg.out))
-    print(summary_path.read_text())
-    print(f"monosemanticity (offline heuristic judge): {run_harness(cfg.out)}", flush=True)
-    report_html, report_md = build_report(cfg.out)
-    print(f"results: {table_path}\nsummary: {summary_path}\nreport: {report_html}\n"
+    table_path, summary_path, report_html, report_md = finish(cfg, store)
+    print(f"results: {redact(table_path)}\nsummary: {summary_path}\nreport: {report_html}\n"
           f"markdown: {report_md}\nwall time {time.perf_counter() - start:.0f} s")
     if failed:
         raise StudyIncomplete(f"{len(failed)} trials failed ({', '.join(failed[:5])}); rerun "

@@ -1,9 +1,11 @@
 """Train one SAE on an activation shard set, in this process or with Ray Train.
 
     python experiments/train.py --config experiments/configs/train/smollm2-135m-layer5-4h.yaml
-        [--executor ray --workers 2] [--out DIR]
+        [--executor ray --workers 2] [--out DIR_OR_URI]
 
 Rerunning resumes an unfinished run from its last checkpoint; a finished run is reported as is.
+``--out`` (or run.out) may be a storage URI (s3://bucket/prefix?…): checked writable first, then
+checkpoints, the SAE and metrics.json are published there.
 Prints the final metrics and where the SAE (SAELens layout) and metrics.json are.
 """
 
@@ -11,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 
 from atoms.config import load_yaml
-from atoms.train_run import TrainJob, train_local
+from atoms.run_store import RunFolder
+from atoms.storage import Storage, redact
+from atoms.train_run import METRICS, TrainJob, train_local
 from experiments.common import CONFIGS, config_parser, run
 
 DEFAULT_TRAIN_CONFIG = CONFIGS / "train" / "smollm2-135m-layer5-4h.yaml"
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
                                  ("executor", args.executor), ("workers", args.workers))
                if v is not None}
     job.run = dataclasses.replace(job.run, **changes)
+    Storage(job.run.out).check_writable("out")  # leaves nothing behind
     if job.run.executor == "ray":
         from atoms.train_ray import train_ray
 
@@ -41,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     for key in SHOWN:
         if key in metrics:
             print(f"{key:>26}: {metrics[key]:.4f}")
-    print(f"SAE (SAELens layout): {metrics['sae_path']}")
-    print(f"metrics: {Path(job.run.out) / 'metrics.json'}")
+    print(f"SAE (SAELens layout): {redact(metrics['sae_path'])}")
+    print(f"metrics: {RunFolder(job.run.out).show(METRICS)}")
 
 
 if __name__ == "__main__":

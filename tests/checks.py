@@ -14,3 +14,19 @@ def one_line_error(fn, *match: str) -> str:
     for m in match:
         assert m in msg, msg
     return msg
+
+
+def crash_once_at(monkeypatch, step: int) -> None:
+    """The next training run raises RuntimeError('killed') at ``step`` (once; later runs go
+    on normally): a crash between checkpoints."""
+    from atoms.training import Trainer
+
+    original = Trainer.step
+
+    def crash_once(self, batch):
+        if self.state.step == step:
+            monkeypatch.setattr(Trainer, "step", original)
+            raise RuntimeError("killed")
+        original(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", crash_once)

@@ -24,3 +24,21 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 (free ports) for the whole session."""
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def storage_cache(tmp_path, monkeypatch):
+    """A fresh node-local mirror folder for remote storage."""
+    cache = tmp_path / "storage-cache"
+    monkeypatch.setenv("ATOMS_STORAGE_CACHE", str(cache))
+    return cache

@@ -176,3 +176,23 @@ def test_cli_on_a_folder_without_results(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no results" in lines[0]
     assert not (tmp_path / "empty" / "report.html").exists()
+
+
+def test_main_on_a_stored_study_publishes_its_report(study, s3_server, storage_cache, capsys):
+    """A study in an object store: its result files are mirrored here (trial folders are not),
+    the report is built in the mirror and published beside the results."""
+    from atoms.storage import Storage, mirror_path
+
+    uri = s3_server.uri("reported-study")
+    store = Storage(uri)
+    store.put_file(study / "results.parquet", "results.parquet")
+    store.put_tree(study / "monosemanticity", "monosemanticity")
+    assert main([uri]) == 0
+    local = mirror_path(uri)
+    assert capsys.readouterr().out.split() == ["report:", str(local / "report.html"),
+                                               "markdown:", str(local / "report.md")]
+    assert not (local / "trials").exists()
+    stored = store.files(recursive=True)
+    assert {"report.html", "report.md", "report_files/r2_heatmap_0.png"} <= set(stored)
+    assert store.read_bytes("report.md") == (local / "report.md").read_bytes()
+    assert "| atoms | 4 | 0.7 [" in (local / "report.md").read_text()

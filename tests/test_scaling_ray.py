@@ -61,6 +61,7 @@ def settled(rows_dir: Path, quiet: float = 5.0) -> dict[str, int]:
         time.sleep(0.2)
 
 
+@pytest.mark.ci
 def test_killed_study_reruns_to_exactly_one_row_per_trial_and_unit_set(tmp_path):
     path, cfg = tiny_config(tmp_path)
     rows_dir = Path(cfg.out) / "rows"
@@ -121,6 +122,7 @@ def test_a_trial_can_be_a_ray_train_run_inside_tune(tmp_path):
     assert (run / "ray").is_dir() and table["r2_euclid_centred"].item() > 0
 
 
+@pytest.mark.ci
 def test_the_study_runs_as_a_ray_job_on_a_local_head(tmp_path):
     """cluster/local-head.sh + `ray job submit`, then `stop` leaves none of its processes."""
     import re
