@@ -65,13 +65,14 @@ class ResultStore:
         frames = [f for f in self.finished().values() if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def write_table(self) -> str:
-        """``results.parquet``: every finished trial's rows, sorted by trial and unit set."""
+    def write_table(self) -> tuple[str, pd.DataFrame]:
+        """``results.parquet``: every finished trial's rows, sorted by trial and unit set;
+        returns (its path or URI, the table)."""
         table = self.table()
         if len(table):
             table = table.sort_values(["trial_key", "unit_set"], kind="stable")
         return self.storage.write_bytes(TABLE, _parquet_bytes(
-            pa.Table.from_pandas(table, preserve_index=False)))
+            pa.Table.from_pandas(table, preserve_index=False))), table
 
 
 def pull_results(out: str | Path) -> Path:

@@ -151,9 +151,9 @@ def precheck(cfg: StudyConfig) -> None:
 def finish(cfg: StudyConfig, store: ResultStore) -> tuple[str, Path, Path, Path]:
     """results.parquet, summary.md, monosemanticity/ and the report, built in a local folder
     (``out`` itself, or its node mirror) and published to ``out`` when it is a URI."""
-    table_path = store.write_table()
+    table_path, table = store.write_table()
     local = pull_results(cfg.out)
-    summary_path = summarise(store.table(), local)
+    summary_path = summarise(table, local)
     print(summary_path.read_text())
     print(f"monosemanticity (offline heuristic judge): {run_harness(local)}", flush=True)
     report_html, report_md = build_report(local)

@@ -199,7 +199,7 @@ def test_trials_write_one_row_per_unit_set_and_resume(tmp_path, shards):
     assert total == sum(len(v) for v in plan.values())
     left = {t.key for ts in pending.values() for t in ts}
     assert atoms.key not in left and "neurons" not in left and len(left) == total - 3
-    table = pd.read_parquet(store.write_table())
+    table = pd.read_parquet(store.write_table()[0])
     assert len(table) == 3 and table["trial_key"].is_unique
 
 
