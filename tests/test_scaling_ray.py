@@ -123,13 +123,20 @@ def test_a_trial_can_be_a_ray_train_run_inside_tune(tmp_path):
 
 
 @pytest.mark.ci
-def test_the_study_runs_as_a_ray_job_on_a_local_head(tmp_path):
-    """cluster/local-head.sh + `ray job submit`, then `stop` leaves none of its processes."""
+def test_the_study_runs_as_a_ray_job_on_a_local_head(tmp_path, s3_server, monkeypatch):
+    """cluster/local-head.sh + `ray job submit` with the results in an object store (a cluster
+    without a shared volume), then `stop` leaves none of its processes."""
+    import io
     import re
 
+    from atoms.storage import Storage
     from tests.rayhead import job_status, local_head, processes_of, run_script, submit_job
 
     path, cfg = tiny_config(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["out"] = cfg.out = s3_server.uri("job-study")
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("ATOMS_STORAGE_CACHE", str(tmp_path / "mirror"))  # the head inherits it
     with local_head(tmp_path / "head") as head:
         assert processes_of(head.temp_dir), "the head's processes carry its temp dir"
         job = submit_job(head, ["python", "experiments/scaling.py", "--config", str(path),
@@ -140,6 +147,7 @@ def test_the_study_runs_as_a_ray_job_on_a_local_head(tmp_path):
     assert processes_of(head.temp_dir) == [] and not head.temp_dir.exists()
     status = run_script("status", head.script_env)
     assert status.returncode == 3 and "down" in status.stdout, status.stdout
-    table = pd.read_parquet(Path(cfg.out) / "results.parquet")
+    table = pd.read_parquet(io.BytesIO(Storage(cfg.out).read_bytes("results.parquet")))
     assert set(zip(table["trial_key"], table["unit_set"], strict=True)) == expected_rows(cfg)
-    assert "summary:" in job.stdout
+    assert "summary:" in job.stdout and "atoms-secret" not in job.stdout
+    assert (tmp_path / "mirror").is_dir()  # the job's trials worked in the mirror it was given
