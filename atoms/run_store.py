@@ -23,22 +23,13 @@ from atoms.storage import Storage, is_remote, mirror_path, pull
 CHECKSUMS = "checksums.json"
 
 
-def local_folder(text) -> Path:
-    """The local folder a run needs for ``text``: the path itself (``file://`` dropped), or
-    this node's mirror of a remote URI."""
-    text = str(text)
-    if is_remote(text):
-        return mirror_path(text)
-    return Path(text[len("file://"):] if text.startswith("file://") else text)
-
-
 class RunFolder:
     """The run folder ``out`` (a local path or a storage URI) and its local working copy."""
 
     def __init__(self, out):
         self.out = str(out)
         self.remote = is_remote(self.out)
-        self.local = local_folder(self.out)
+        self.local = mirror_path(self.out)
         self.store = Storage(self.out) if self.remote else None
 
     def uri_of(self, rel: str) -> str:

@@ -58,7 +58,7 @@ def local_layer(folder: str | os.PathLike) -> Path:
     URI its node mirror, brought up to date (manifest always re-read). Open it with
     ``ShardSet.open``, which verifies every shard's sha256."""
     if not is_remote(folder):
-        return mirror_path(folder) if str(folder).startswith("file://") else Path(folder)
+        return mirror_path(folder)
     local = pull(folder)
     Storage(folder).get_file(MANIFEST, local / MANIFEST)
     return local

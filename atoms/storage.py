@@ -49,6 +49,12 @@ def is_remote(uri: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def local_path(uri: str | os.PathLike) -> Path:
+    """The path of a local folder or ``file://`` URI, as given (not resolved)."""
+    text = str(uri)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
 def redact(uri: str | os.PathLike) -> str:
     """``uri`` with any secret in its user part replaced: ``s3://key:***@bucket/…``."""
     text = str(uri)
@@ -83,8 +89,7 @@ class Storage:
         text = str(uri)
         self.remote = is_remote(text)
         if not self.remote:
-            local = Path(text[len("file://"):] if text.startswith("file://") else text)
-            self.uri = str(local.expanduser().resolve())
+            self.uri = str(local_path(text).expanduser().resolve())
             self.fs, self.root = pafs.LocalFileSystem(), self.uri
             self._base, self._query = self.uri, ""
             return
@@ -309,10 +314,10 @@ def cache_root() -> Path:
 
 
 def mirror_path(uri: str | os.PathLike) -> Path:
-    """The local folder standing for ``uri``: the folder itself when local, else
-    ``<cache>/<scheme>/<host>/<path>`` (query parameters dropped)."""
+    """The local folder standing for ``uri``: the path itself when local (``file://``
+    dropped), else ``<cache>/<scheme>/<host>/<path>`` (query parameters dropped)."""
     if not is_remote(uri):
-        return Path(Storage(uri).uri)
+        return local_path(uri)
     parts = urlsplit(str(uri))
     host = parts.netloc.rpartition("@")[2] or "_"
     return cache_root() / parts.scheme / host / parts.path.strip("/")
@@ -334,7 +339,7 @@ def pull(uri: str | os.PathLike, pattern: str = "*", recursive: bool = True) -> 
 def pull_file(uri: str | os.PathLike) -> Path:
     """The local copy of the file ``uri`` (downloaded when missing or of another size)."""
     if not is_remote(uri):
-        return Path(Storage(uri).uri)
+        return local_path(uri)
     base, _, query = str(uri).partition("?")
     folder, _, name = base.rpartition("/")
     store = Storage(f"{folder}?{query}" if query else folder)
@@ -351,7 +356,7 @@ def fetch(uri: str | os.PathLike) -> Path:
     """A local path for the stored file or folder ``uri``: itself when local, else its node
     mirror brought up to date (``pull_file`` for a file, ``pull`` for a folder)."""
     if not is_remote(uri):
-        return Path(Storage(uri).uri)
+        return local_path(uri)
     return pull_file(uri) if Storage(uri).size() is not None else pull(uri)
 
 
@@ -360,7 +365,7 @@ def locate(uri: str | os.PathLike) -> Path:
     brought up to date when the store answers and left as it is when not (so a results
     folder copied off a cluster still finds whatever was mirrored)."""
     if not is_remote(uri):
-        return Path(uri)
+        return local_path(uri)
     try:
         return fetch(uri)
     except (AtomsError, OSError):

@@ -35,11 +35,11 @@ from atoms.config import from_dict, require, to_dict
 from atoms.errors import InputError, TrainingDiverged
 from atoms.evaluation import evaluate
 from atoms.io import code_version
-from atoms.run_store import RunFolder, local_folder
+from atoms.run_store import RunFolder
 from atoms.sae import SAEConfig, SparseAutoencoder, build_sae
 from atoms.sae_io import save_sae
 from atoms.shard_store import local_layer
-from atoms.storage import Storage, is_remote, pull_file, redact, redact_all
+from atoms.storage import Storage, is_remote, mirror_path, pull_file, redact, redact_all
 from atoms.training import TrainConfig, Trainer, train_epochs
 
 METRICS = "metrics.json"
@@ -121,7 +121,7 @@ class Prepared:
     @property
     def out(self) -> Path:
         """The local run folder: ``run.out``, or this node's mirror of it when remote."""
-        return local_folder(self.job.run.out)
+        return mirror_path(self.job.run.out)
 
     def folder(self) -> RunFolder:
         return RunFolder(self.job.run.out)
