@@ -15,7 +15,7 @@ import pyarrow as pa
 from scipy import stats
 
 from analysis.summary import best_per_cell
-from atoms.errors import InputError
+from atoms.core.errors import InputError
 
 TABLE = "results.parquet"
 ROWS = "rows"

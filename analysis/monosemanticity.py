@@ -29,12 +29,12 @@ import torch
 
 from analysis.aggregate import at_largest, best, interval_table, load_results
 from analysis.summary import markdown
-from atoms.errors import AtomsError, InputError
-from atoms.io import atomic_path
-from atoms.results import MONOSEMANTICITY, publish_results, pull_results
-from atoms.shards import ShardSet, read_shard
-from atoms.storage import is_remote, locate
-from atoms.units import UnitSet, load_unit_set
+from atoms.core.errors import AtomsError, InputError
+from atoms.core.io import atomic_path
+from atoms.store.results import MONOSEMANTICITY, publish_results, pull_results
+from atoms.extract.shards import ShardSet, read_shard
+from atoms.store.storage import is_remote, locate
+from atoms.evaluate.units import UnitSet, load_unit_set
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _unit_sets(b: pd.DataFrame) -> list[tuple[UnitSet, pd.Series]]:
 
 
 def _tokenizer(model):
-    from atoms.models import load_tokenizer
+    from atoms.extract.models import load_tokenizer
 
     try:
         return load_tokenizer(str(model))

@@ -19,13 +19,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from atoms.aip import AIP, load_aip  # noqa: E402
-from atoms.batches import DataSplit, read_rows  # noqa: E402
-from atoms.errors import AtomsError  # noqa: E402
-from atoms.metrics import l0_per_row, threshold_interval_check  # noqa: E402
-from atoms.sae import SparseAutoencoder  # noqa: E402
-from atoms.storage import locate  # noqa: E402
-from atoms.units import load_any_sae  # noqa: E402
+from atoms.aip.metric import AIP, load_aip  # noqa: E402
+from atoms.train.batches import DataSplit, read_rows  # noqa: E402
+from atoms.core.errors import AtomsError  # noqa: E402
+from atoms.evaluate.metrics import l0_per_row, threshold_interval_check  # noqa: E402
+from atoms.sae.model import SparseAutoencoder  # noqa: E402
+from atoms.store.storage import locate  # noqa: E402
+from atoms.evaluate.units import load_any_sae  # noqa: E402
 
 COLOURS = {"atoms": "#1b6ca8", "relu_features": "#e07b39", "neurons": "#444444",
            "random": "#9a9a9a"}

@@ -20,7 +20,7 @@ from scipy import stats
 
 from analysis.aggregate import PRIMARY_R2, best
 from analysis.summary import JUMP
-from atoms.errors import InputError
+from atoms.core.errors import InputError
 
 FAMILY_LEVEL = 0.05
 """Family-wise false-transition rate per |M| row when seeds allow a noise test."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from atoms.io import atomic_path
+from atoms.core.io import atomic_path
 
 JUMP = 0.1
 """An R² rise between neighbouring |D| at least this large counts as a jump."""

@@ -62,8 +62,8 @@ def _saelens_trainer(d: int, n: int, b: int, weights: dict, lr: float, coeff: fl
 def _our_trainer(d: int, n: int, weights: dict, lr: float, coeff: float, step: str):
     import torch
 
-    from atoms.sae import SAEConfig, ThresholdSAE
-    from atoms.training import TrainConfig, Trainer
+    from atoms.sae.model import SAEConfig, ThresholdSAE
+    from atoms.train.loop import TrainConfig, Trainer
 
     sae = ThresholdSAE(SAEConfig(d_in=d, d_sae=n, bandwidth=weights["bandwidth"]))
     with torch.no_grad():

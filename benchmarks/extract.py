@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from atoms.aip import SecondMoment
-from atoms.extraction import ExtractConfig, ShardExtractor, build_windows
-from atoms.models import load_model, transformer_layers
+from atoms.aip.metric import SecondMoment
+from atoms.extract.extraction import ExtractConfig, ShardExtractor, build_windows
+from atoms.extract.models import load_model, transformer_layers
 from benchmarks.common import median_seconds, record
 
 

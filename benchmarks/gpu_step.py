@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from atoms.fast_step import FastThresholdStep
-from atoms.sae import SAEConfig, ThresholdSAE
-from atoms.training import SAEObjective, TrainConfig, Trainer
+from atoms.train.fast_step import FastThresholdStep
+from atoms.sae.model import SAEConfig, ThresholdSAE
+from atoms.train.loop import SAEObjective, TrainConfig, Trainer
 from benchmarks.common import record
 
 

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from atoms.aip import AIP, syrk_upper_
-from atoms.metrics import coherence, q_star
+from atoms.aip.metric import AIP, syrk_upper_
+from atoms.evaluate.metrics import coherence, q_star
 from benchmarks.common import median_seconds, record
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-import atoms.storage
-from atoms.shards import ShardSet
-from atoms.storage import Storage, pull
+import atoms.store.storage
+from atoms.extract.shards import ShardSet
+from atoms.store.storage import Storage, pull
 from benchmarks.common import record
 from tests.s3server import S3Server
 from tests.shardsets import write_shard_set

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from atoms.aip import AIP, SecondMoment, save_aip
-from atoms.batches import read_rows
-from atoms.config import from_dict
-from atoms.shards import ShardSet
-from atoms.study import StudyConfig, cells
-from atoms.sweep import run_sweep
-from atoms.trial import execute_trial
+from atoms.aip.metric import AIP, SecondMoment, save_aip
+from atoms.train.batches import read_rows
+from atoms.core.config import from_dict
+from atoms.extract.shards import ShardSet
+from atoms.study.config import StudyConfig, cells
+from atoms.study.ray_sweep import run_sweep
+from atoms.study.trial import execute_trial
 from benchmarks.common import record
 from experiments.scaling import context
 from tests.shardsets import synthetic_shard_set

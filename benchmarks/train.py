@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from atoms.config import from_dict
-from atoms.train_ray import train_ray
-from atoms.train_run import TrainJob, train_local
+from atoms.core.config import from_dict
+from atoms.train.ray_train import train_ray
+from atoms.train.run import TrainJob, train_local
 from benchmarks.common import matmul_gflops, record
 from tests.shardsets import write_shard_set
 

@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from atoms.sae import SAEConfig, ThresholdSAE
-from atoms.training import TrainConfig, Trainer
+from atoms.sae.model import SAEConfig, ThresholdSAE
+from atoms.train.loop import TrainConfig, Trainer
 from benchmarks.common import matmul_gflops, median_seconds, record
 
 SHAPES = [(4096, 576, 2304), (2048, 2304, 9216)]

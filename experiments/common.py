@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from atoms.config import load_yaml
-from atoms.errors import AtomsError
+from atoms.core.config import load_yaml
+from atoms.core.errors import AtomsError
 
 CONFIGS = Path(__file__).with_name("configs")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atoms.config import require
-from atoms.extraction import ExtractConfig
+from atoms.core.config import require
+from atoms.extract.extraction import ExtractConfig
 from experiments.common import CONFIGS
 
 DEFAULT_MODEL_CONFIG = CONFIGS / "models" / "smollm2-135m.yaml"

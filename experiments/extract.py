@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from atoms.config import load_yaml
-from atoms.distributed import run_extraction
-from atoms.storage import Storage, redact
+from atoms.core.config import load_yaml
+from atoms.extract.ray_extract import run_extraction
+from atoms.store.storage import Storage, redact
 from experiments.common import config_parser, run
 from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
 

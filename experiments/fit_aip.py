@@ -11,11 +11,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from atoms.aip import AIP, save_aip
-from atoms.config import load_yaml
-from atoms.distributed import fit_second_moment
-from atoms.shard_store import layer_folders_of, load_layer_manifest
-from atoms.storage import Storage, is_remote, mirror_path
+from atoms.aip.metric import AIP, save_aip
+from atoms.core.config import load_yaml
+from atoms.extract.ray_extract import fit_second_moment
+from atoms.extract.shard_store import layer_folders_of, load_layer_manifest
+from atoms.store.storage import Storage, is_remote, mirror_path
 from experiments.common import config_parser, run
 from experiments.data_config import DEFAULT_MODEL_CONFIG, AIPFitConfig, DataConfig
 

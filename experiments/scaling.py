@@ -11,7 +11,7 @@ with <out>/results.parquet, <out>/summary.md, top-activating contexts with offli
 (<out>/monosemanticity/) and <out>/report.html (+ report.md).
 
 ``out``, ``data.extract.out`` and ``data.shards`` may be storage URIs (s3://bucket/prefix, …;
-see atoms.storage), so every node of a cluster reads and writes the same place; an unwritable
+see atoms.store.storage), so every node of a cluster reads and writes the same place; an unwritable
 one fails before any work.
 """
 
@@ -27,18 +27,18 @@ from pathlib import Path
 from analysis.monosemanticity import run_harness
 from analysis.report import REPORT_FILES, build_report
 from analysis.summary import summarise
-from atoms.batches import DataSplit, read_rows, split_rows
-from atoms.config import to_dict
-from atoms.distributed import ensure_ray, run_extraction
-from atoms.errors import AtomsError, ConfigError
-from atoms.io import code_version
-from atoms.results import MONOSEMANTICITY, ResultStore, publish_results, pull_results
-from atoms.shard_store import layer_rel, load_layer_manifest, local_layer
-from atoms.shards import load_manifest
-from atoms.storage import Storage, is_remote, redact, redact_all
-from atoms.study import StudyConfig, Trial, cells, check_scale
-from atoms.sweep import run_sweep
-from atoms.trial import StudyContext
+from atoms.train.batches import DataSplit, read_rows, split_rows
+from atoms.core.config import to_dict
+from atoms.extract.ray_extract import ensure_ray, run_extraction
+from atoms.core.errors import AtomsError, ConfigError
+from atoms.core.io import code_version
+from atoms.store.results import MONOSEMANTICITY, ResultStore, publish_results, pull_results
+from atoms.extract.shard_store import layer_rel, load_layer_manifest, local_layer
+from atoms.extract.shards import load_manifest
+from atoms.store.storage import Storage, is_remote, redact, redact_all
+from atoms.study.config import StudyConfig, Trial, cells, check_scale
+from atoms.study.ray_sweep import run_sweep
+from atoms.study.trial import StudyContext
 from experiments.common import CONFIGS, config_parser, load_config, run
 from experiments.data_config import AIPFitConfig
 from experiments.fit_aip import fit_layer_aip

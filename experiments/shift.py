@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from atoms.aip import load_aip
-from atoms.config import load_yaml
-from atoms.io import atomic_path
-from atoms.shards import ShardSet, layer_folders
-from atoms.shift import angle_centre, pairwise_angles
+from atoms.aip.metric import load_aip
+from atoms.core.config import load_yaml
+from atoms.core.io import atomic_path
+from atoms.extract.shards import ShardSet, layer_folders
+from atoms.aip.shift import angle_centre, pairwise_angles
 from experiments.common import config_parser, run
 from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
 

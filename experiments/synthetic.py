@@ -25,13 +25,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from atoms.config import require, to_dict
-from atoms.io import atomic_path, code_version
-from atoms.metrics import coherence, l0_summary, q_star, r2_scores, theorem_interval
-from atoms.recovery import support_agreement
-from atoms.sae import SAEConfig, ThresholdSAE, build_sae
-from atoms.synthetic import SyntheticAtoms, SyntheticConfig, make_atom_set, match_atoms
-from atoms.training import TrainConfig, train_sae
+from atoms.core.config import require, to_dict
+from atoms.core.io import atomic_path, code_version
+from atoms.evaluate.metrics import coherence, l0_summary, q_star, r2_scores, theorem_interval
+from atoms.evaluate.recovery import support_agreement
+from atoms.sae.model import SAEConfig, ThresholdSAE, build_sae
+from atoms.evaluate.synthetic import SyntheticAtoms, SyntheticConfig, make_atom_set, match_atoms
+from atoms.train.loop import TrainConfig, train_sae
 from experiments.common import CONFIGS, config_parser, load_config, run
 
 UNIT_SETS = ("closed_form_tsae", "closed_form_relu", "trained_tsae", "trained_relu")
@@ -115,7 +115,7 @@ def _closed_form(atoms: SyntheticAtoms, ev: SyntheticAtoms) -> list[dict]:
     bound = math.sqrt(1 + (c.k - 1) * eps) * (c.k - 1) * eps * math.sqrt(c.k) * c.delta_max
     rows = []
     for name, threshold in (("closed_form_tsae", tau), ("closed_form_relu", 0.0)):
-        row = _evaluate(ThresholdSAE.from_dictionary(atoms.atoms, atoms.aip, threshold), ev)
+        row = _evaluate(ThresholdSAE.from_dictionary(atoms.atoms, atoms.aip.metric, threshold), ev)
         rows.append({"unit_set": name, "threshold": threshold, "recon_bound_aip": bound,
                      "atom_recovery_099": 1.0, **row})
     return rows

@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from atoms.config import load_yaml
-from atoms.run_store import RunFolder
-from atoms.storage import Storage, redact
-from atoms.train_run import METRICS, TrainJob, train_local
+from atoms.core.config import load_yaml
+from atoms.train.run_folder import RunFolder
+from atoms.store.storage import Storage, redact
+from atoms.train.run import METRICS, TrainJob, train_local
 from experiments.common import CONFIGS, config_parser, run
 
 DEFAULT_TRAIN_CONFIG = CONFIGS / "train" / "smollm2-135m-layer5-4h.yaml"
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     job.run = dataclasses.replace(job.run, **changes)
     Storage(job.run.out).check_writable("out")  # leaves nothing behind
     if job.run.executor == "ray":
-        from atoms.train_ray import train_ray
+        from atoms.train.ray_train import train_ray
 
         metrics = train_ray(job, progress=not args.quiet)
     else:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from atoms.errors import InputError
+from atoms.core.errors import InputError
 
 
 def one_line_error(fn, *match: str) -> str:
@@ -19,7 +19,7 @@ def one_line_error(fn, *match: str) -> str:
 def crash_once_at(monkeypatch, step: int) -> None:
     """The next training run raises RuntimeError('killed') at ``step`` (once; later runs go
     on normally): a crash between checkpoints."""
-    from atoms.training import Trainer
+    from atoms.train.loop import Trainer
 
     original = Trainer.step
 

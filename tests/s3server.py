@@ -83,7 +83,7 @@ class S3Server:
 
     def _wait_ready(self, timeout: float = 90.0) -> None:
         """Poll until a write through pyarrow succeeds (the filer comes up after the port)."""
-        from atoms.storage import Storage
+        from atoms.store.storage import Storage
 
         deadline = time.monotonic() + timeout
         error = None

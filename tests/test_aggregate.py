@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from analysis.aggregate import METRICS, aggregate, headline, load_results
-from atoms.errors import InputError
+from atoms.core.errors import InputError
 
 BASE = {"model": "m", "site": "resid_post", "layer": 3, "status": "finished", "h": 8}
 

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atoms.aip import AIP, SecondMoment
-from atoms.errors import InputError, SingularMomentError
+from atoms.aip.metric import AIP, SecondMoment
+from atoms.core.errors import InputError, SingularMomentError
 
 
 def random_invertible(d: int, seed: int, condition: float = 20.0) -> torch.Tensor:

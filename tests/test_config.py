@@ -2,10 +2,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from atoms.config import from_dict, load_yaml, to_dict
-from atoms.errors import ConfigError
-from atoms.sae import SAEConfig
-from atoms.training import TrainConfig
+from atoms.core.config import from_dict, load_yaml, to_dict
+from atoms.core.errors import ConfigError
+from atoms.sae.model import SAEConfig
+from atoms.train.loop import TrainConfig
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from atoms.corpus import (
+from atoms.extract.corpus import (
     BUILTIN_CORPORA,
     CorpusNotAvailable,
     TokenWindow,
@@ -15,7 +15,7 @@ from atoms.corpus import (
     strip_wiki_markup,
     token_windows,
 )
-from atoms.errors import InputError
+from atoms.core.errors import InputError
 
 
 class CharTokenizer:
@@ -35,7 +35,7 @@ class CharTokenizer:
 def tiny_tokenizer(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATOMS_CACHE", str(tmp_path_factory.mktemp("atoms-cache")))
-        from atoms.models import load_model
+        from atoms.extract.models import load_model
 
         return load_model("tiny-random").tokenizer
 

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from atoms.aip import load_aip
+from atoms.aip.metric import load_aip
 from experiments import extract, fit_aip, shift
 from experiments.common import run
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from atoms.aip import SecondMoment
-from atoms.distributed import fit_second_moment, run_extraction
-from atoms.errors import ConfigError, InputError
-from atoms.extraction import ExtractConfig, build_windows
-from atoms.models import ModelNotAvailable, load_model, transformer_layers
-from atoms.shards import ShardSet, layer_dir, read_shard, shard_name
+from atoms.aip.metric import SecondMoment
+from atoms.extract.ray_extract import fit_second_moment, run_extraction
+from atoms.core.errors import ConfigError, InputError
+from atoms.extract.extraction import ExtractConfig, build_windows
+from atoms.extract.models import ModelNotAvailable, load_model, transformer_layers
+from atoms.extract.shards import ShardSet, layer_dir, read_shard, shard_name
 
 
 def config(tmp_path, **kw):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from atoms.config import load_yaml
-from atoms.extraction import build_windows
-from atoms.models import load_model, transformer_layers
-from atoms.shards import ShardSet, layer_dir
+from atoms.core.config import load_yaml
+from atoms.extract.extraction import build_windows
+from atoms.extract.models import load_model, transformer_layers
+from atoms.extract.shards import ShardSet, layer_dir
 from experiments.data_config import DataConfig
 
 CONFIG = """

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from atoms.errors import InputError
-from atoms.fast_step import FastThresholdStep
-from atoms.sae import SAEConfig, ThresholdSAE
-from atoms.training import SAEObjective, TrainConfig, Trainer
+from atoms.core.errors import InputError
+from atoms.train.fast_step import FastThresholdStep
+from atoms.sae.model import SAEConfig, ThresholdSAE
+from atoms.train.loop import SAEObjective, TrainConfig, Trainer
 
 
 def random_sae(bias: bool, seed: int = 0, d: int = 24, n: int = 80) -> ThresholdSAE:
@@ -106,8 +106,8 @@ def test_trainer_steps_match_the_reference_trainer():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_fused_dense_function_gives_autograds_gradients(bias, monkeypatch):
-    import atoms.fast_step as fast_step
-    from atoms.fused_step import dense_step
+    import atoms.train.fast_step as fast_step
+    from atoms.train.fused_step import dense_step
 
     monkeypatch.setattr(fast_step, "compiled_dense_step", lambda: dense_step)  # eager here
     sae = random_sae(bias)

@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.numpy import save_file as np_save
 
-from atoms.errors import ConfigError
-from atoms.formats import (
+from atoms.core.errors import ConfigError
+from atoms.sae.formats import (
     export_sparsify,
     import_gemma_scope,
     import_llama_scope,
     import_saelens,
     import_sparsify,
 )
-from atoms.sae import SAEConfig, ThresholdSAE, TopKSAE, build_sae
+from atoms.sae.model import SAEConfig, ThresholdSAE, TopKSAE, build_sae
 from tests.checks import one_line_error
 
 D, N, K = 16, 40, 6

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from atoms.aip import AIP
-from atoms.distributed import fit_second_moment, run_extraction
-from atoms.extraction import ExtractConfig, build_windows
-from atoms.models import load_model, transformer_layers
-from atoms.shards import ShardSet, layer_dir
-from atoms.shift import representation_shift
+from atoms.aip.metric import AIP
+from atoms.extract.ray_extract import fit_second_moment, run_extraction
+from atoms.extract.extraction import ExtractConfig, build_windows
+from atoms.extract.models import load_model, transformer_layers
+from atoms.extract.shards import ShardSet, layer_dir
+from atoms.aip.shift import representation_shift
 
 
 @pytest.fixture(scope="module")

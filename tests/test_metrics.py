@@ -5,9 +5,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from atoms.aip import AIP
-from atoms.errors import InputError
-from atoms.metrics import (
+from atoms.aip.metric import AIP
+from atoms.core.errors import InputError
+from atoms.evaluate.metrics import (
     ExactSample,
     LogHistogram,
     coherence,
@@ -23,7 +23,7 @@ from atoms.metrics import (
     uniqueness_satisfied,
     uniqueness_threshold,
 )
-from atoms.synthetic import whitened_atoms
+from atoms.evaluate.synthetic import whitened_atoms
 
 X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
 X_HAT = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)

@@ -3,9 +3,9 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from atoms import models
-from atoms.errors import InputError
-from atoms.models import (
+from atoms.extract import models
+from atoms.core.errors import InputError
+from atoms.extract.models import (
     BUILTIN_MODELS,
     ModelNotAvailable,
     cache_root,

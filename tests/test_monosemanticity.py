@@ -14,11 +14,11 @@ from analysis.monosemanticity import (
     score_table,
     top_contexts,
 )
-from atoms.errors import InputError
-from atoms.sae import SAEConfig, build_sae
-from atoms.sae_io import save_sae
-from atoms.shards import Manifest, write_manifest, write_shard
-from atoms.units import UnitSet
+from atoms.core.errors import InputError
+from atoms.sae.model import SAEConfig, build_sae
+from atoms.sae.saelens import save_sae
+from atoms.extract.shards import Manifest, write_manifest, write_shard
+from atoms.evaluate.units import UnitSet
 
 D, DOCS, LEN, VOCAB, PLANT = 8, 20, 16, 20, 7
 WORDS = [f" w{i}" for i in range(VOCAB)]

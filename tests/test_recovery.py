@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from atoms.errors import InputError
-from atoms.recovery import basis_pursuit, l1_recovery_agreement, omp, support_agreement
-from atoms.sae import ThresholdSAE
-from atoms.synthetic import SyntheticConfig, make_atom_set
+from atoms.core.errors import InputError
+from atoms.evaluate.recovery import basis_pursuit, l1_recovery_agreement, omp, support_agreement
+from atoms.sae.model import ThresholdSAE
+from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
 
 
 @pytest.fixture(scope="module")

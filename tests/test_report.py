@@ -17,9 +17,9 @@ import torch
 
 from analysis import plots
 from analysis.report import build_report, main
-from atoms.aip import AIP, SecondMoment, save_aip
-from atoms.sae import SAEConfig, build_sae
-from atoms.sae_io import save_sae
+from atoms.aip.metric import AIP, SecondMoment, save_aip
+from atoms.sae.model import SAEConfig, build_sae
+from atoms.sae.saelens import save_sae
 from tests.browser import render
 from tests.shardsets import write_shard_set
 
@@ -181,7 +181,7 @@ def test_cli_on_a_folder_without_results(tmp_path):
 def test_main_on_a_stored_study_publishes_its_report(study, s3_server, storage_cache, capsys):
     """A study in an object store: its result files are mirrored here (trial folders are not),
     the report is built in the mirror and published beside the results."""
-    from atoms.storage import Storage, mirror_path
+    from atoms.store.storage import Storage, mirror_path
 
     uri = s3_server.uri("reported-study")
     store = Storage(uri)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from atoms.aip import AIP
-from atoms.errors import ConfigError
-from atoms.sae import JumpReLUWithL0, ReLUSAE, SAEConfig, ThresholdSAE, build_sae
+from atoms.aip.metric import AIP
+from atoms.core.errors import ConfigError
+from atoms.sae.model import JumpReLUWithL0, ReLUSAE, SAEConfig, ThresholdSAE, build_sae
 
 
 def test_jumprelu_forward_and_ste_backward_hand_computed():

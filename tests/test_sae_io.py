@@ -6,9 +6,9 @@ import torch
 from safetensors.numpy import load_file as np_load
 from safetensors.numpy import save_file as np_save
 
-from atoms import sae_io
-from atoms.sae import SAEConfig, build_sae
-from atoms.sae_io import load_sae, read_sae_cfg, save_sae
+from atoms.sae import saelens as sae_io
+from atoms.sae.model import SAEConfig, build_sae
+from atoms.sae.saelens import load_sae, read_sae_cfg, save_sae
 from tests.checks import one_line_error
 
 D, N, S = 12, 24, 3.7

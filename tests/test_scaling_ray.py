@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from atoms.config import from_dict
-from atoms.study import StudyConfig, cells
+from atoms.core.config import from_dict
+from atoms.study.config import StudyConfig, cells
 from tests.browser import render
 
 pytestmark = pytest.mark.slow
@@ -129,7 +129,7 @@ def test_the_study_runs_as_a_ray_job_on_a_local_head(tmp_path, s3_server, monkey
     import io
     import re
 
-    from atoms.storage import Storage
+    from atoms.store.storage import Storage
     from tests.rayhead import job_status, local_head, processes_of, run_script, submit_job
 
     path, cfg = tiny_config(tmp_path)

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-import atoms.shards as shards
-from atoms.errors import InputError
-from atoms.io import file_sha256
-from atoms.shards import (
+import atoms.extract.shards as shards
+from atoms.core.errors import InputError
+from atoms.core.io import file_sha256
+from atoms.extract.shards import (
     Manifest,
     ShardSet,
     finished_shards,
@@ -197,7 +197,7 @@ def test_finished_shards_verifies_and_cleans_up(tmp_path, caplog):
     (tmp_path / ".shard-00005.parquet.abc.tmp").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("keep me")
 
-    with caplog.at_level(logging.WARNING, logger="atoms.shards"):
+    with caplog.at_level(logging.WARNING, logger="atoms.extract.shards"):
         done = finished_shards(tmp_path)
     assert done == {0: infos[0], 4: infos[4]}
     for name in ("shard-00001.parquet", "shard-00002.parquet", "shard-00003.parquet",
@@ -208,7 +208,7 @@ def test_finished_shards_verifies_and_cleans_up(tmp_path, caplog):
         "notes.txt", "shard-00000.json", "shard-00000.parquet",
         "shard-00004.json", "shard-00004.parquet"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="atoms.shards"):
+    with caplog.at_level(logging.WARNING, logger="atoms.extract.shards"):
         assert finished_shards(tmp_path) == done
     assert caplog.text == ""
 
@@ -216,7 +216,7 @@ def test_finished_shards_verifies_and_cleans_up(tmp_path, caplog):
 def test_finished_shards_redoes_an_unreadable_sidecar(tmp_path, caplog):
     write_shard(tmp_path, 0, np.ones((2, 2), np.float32), **ids(2))
     (tmp_path / "shard-00000.json").write_text('{"name": "shard-00000.parquet"')
-    with caplog.at_level(logging.WARNING, logger="atoms.shards"):
+    with caplog.at_level(logging.WARNING, logger="atoms.extract.shards"):
         assert finished_shards(tmp_path) == {}
     assert "shard-00000.json: not valid JSON" in caplog.text
     assert list(tmp_path.iterdir()) == []

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from atoms.errors import InputError
-from atoms.storage import Storage, StorageError, mirror_path, pull, pull_file, redact
+from atoms.core.errors import InputError
+from atoms.store.storage import Storage, StorageError, mirror_path, pull, pull_file, redact
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -8,14 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from atoms.aip import load_aip
-from atoms.distributed import fit_second_moment, run_extraction
-from atoms.errors import ConfigError, InputError
-from atoms.extraction import ExtractConfig, claim_output, pending_shards
-from atoms.io import file_sha256
-from atoms.shard_store import layer_folders_of, layer_rel, local_layer, pull_shard
-from atoms.shards import ShardSet, layer_dir, load_manifest, shard_name
-from atoms.storage import Storage, mirror_path
+from atoms.aip.metric import load_aip
+from atoms.extract.ray_extract import fit_second_moment, run_extraction
+from atoms.core.errors import ConfigError, InputError
+from atoms.extract.extraction import ExtractConfig, claim_output, pending_shards
+from atoms.core.io import file_sha256
+from atoms.extract.shard_store import layer_folders_of, layer_rel, local_layer, pull_shard
+from atoms.extract.shards import ShardSet, layer_dir, load_manifest, shard_name
+from atoms.store.storage import Storage, mirror_path
 from experiments.data_config import AIPFitConfig
 from experiments.fit_aip import fit_layer_aip
 from tests.s3server import SECRET
@@ -129,11 +129,11 @@ def test_rerun_skips_finished_and_redoes_exactly_the_unfinished(s3_server, ray_s
     assert len(stamps) == 4 and len(listing) == 8
     before = ShardSet.open(local_layer(store.uri_of())).read_all()
 
-    import atoms.distributed
+    import atoms.extract.ray_extract
 
     seen = []
     spy = atoms.distributed.pending_shards
-    monkeypatch.setattr(atoms.distributed, "pending_shards",
+    monkeypatch.setattr(atoms.extract.ray_extract, "pending_shards",
                         lambda *a: seen.append(spy(*a)) or seen[-1])
     run_extraction(cfg, progress=False)  # nothing to do
     assert seen == [[]] and shard_files() == listing and store.exists("manifest.json")

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from atoms.errors import InputError, TrainingDiverged
-from atoms.sae_io import load_sae
-from atoms.storage import CACHE_ENV, Storage, pull
-from atoms.train_run import finished_metrics, train_local
-from atoms.training import Trainer
+from atoms.core.errors import InputError, TrainingDiverged
+from atoms.sae.saelens import load_sae
+from atoms.store.storage import CACHE_ENV, Storage, pull
+from atoms.train.run import finished_metrics, train_local
+from atoms.train.loop import Trainer
 from tests.checks import crash_once_at
 from tests.shardsets import synthetic_shard_set
 from tests.test_train_run import job as full_job
@@ -148,7 +148,7 @@ def test_the_train_command_checks_out_before_any_work(shard_set, s3_server, stor
 @pytest.mark.slow
 def test_ray_train_persists_checkpoints_in_the_store(shard_set, s3_server, storage_cache,
                                                      ray_session):
-    from atoms.train_ray import RAY_FOLDER, train_ray
+    from atoms.train.ray_train import RAY_FOLDER, train_ray
 
     data, uri = s3_server.uri(), s3_server.uri()
     Storage(data).put_tree(shard_set)

@@ -10,15 +10,15 @@ import pytest
 import yaml
 
 from analysis.summary import best_per_cell, r2_grid, summarise, transitions
-from atoms.aip import AIP, SecondMoment, save_aip
-from atoms.batches import read_rows
-from atoms.config import from_dict
-from atoms.errors import ConfigError
-from atoms.results import ResultStore
-from atoms.shards import ShardSet
-from atoms.study import StudyConfig, cells
-from atoms.sweep import make_searcher
-from atoms.trial import execute_trial
+from atoms.aip.metric import AIP, SecondMoment, save_aip
+from atoms.train.batches import read_rows
+from atoms.core.config import from_dict
+from atoms.core.errors import ConfigError
+from atoms.store.results import ResultStore
+from atoms.extract.shards import ShardSet
+from atoms.study.config import StudyConfig, cells
+from atoms.study.ray_sweep import make_searcher
+from atoms.study.trial import execute_trial
 from experiments import scaling
 from experiments.common import run
 from tests.shardsets import synthetic_shard_set
@@ -204,8 +204,8 @@ def test_trials_write_one_row_per_unit_set_and_resume(tmp_path, shards):
 
 
 def test_an_imported_sae_is_judged_as_features(tmp_path, shards):
-    from atoms.sae import SAEConfig, ThresholdSAE
-    from atoms.sae_io import save_sae
+    from atoms.sae.model import SAEConfig, ThresholdSAE
+    from atoms.sae.saelens import save_sae
 
     path = save_sae(ThresholdSAE(SAEConfig(d_in=32, d_sae=48)), tmp_path / "imported")
     ctx = context_for(tmp_path, shards, **{"baselines.pretrained": [
@@ -226,10 +226,10 @@ def test_a_missing_pretrained_sae_fails_before_work(tmp_path, shards, capsys):
 
 
 def test_a_diverging_trial_leaves_a_diverged_row(tmp_path, shards, monkeypatch):
-    import atoms.trial
+    import atoms.study.trial
 
     real = atoms.trial.run_config
-    monkeypatch.setattr(atoms.trial, "run_config", lambda *a, **k: dataclasses.replace(
+    monkeypatch.setattr(atoms.study.trial, "run_config", lambda *a, **k: dataclasses.replace(
         real(*a, **k), fault="nan", fault_step=5))  # a NaN in W_enc after step 5
     ctx = context_for(tmp_path, shards)
     trial = cells(ctx.cfg, ctx.h)["tsae-D32-M1024-s0"][0]

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from atoms.storage import Storage
+from atoms.store.storage import Storage
 from tests.test_scaling_ray import ROOT, TINY, local_env
 
 CLI = [sys.executable, str(ROOT / "experiments/scaling.py"), "--quiet"]

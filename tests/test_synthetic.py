@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from atoms.errors import ConfigError, InputError
-from atoms.synthetic import (
+from atoms.core.errors import ConfigError, InputError
+from atoms.evaluate.synthetic import (
     SyntheticConfig,
     make_atom_set,
     match_atoms,

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from atoms.metrics import l0_per_row, theorem_interval, threshold_interval_check
-from atoms.recovery import support_agreement
-from atoms.sae import ThresholdSAE
-from atoms.synthetic import SyntheticConfig, make_atom_set
+from atoms.evaluate.metrics import l0_per_row, theorem_interval, threshold_interval_check
+from atoms.evaluate.recovery import support_agreement
+from atoms.sae.model import ThresholdSAE
+from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
 
 
 def closed_form(eps, k, n_atoms=96, seed=0, threshold=None, n=3000):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from atoms.aip import AIP, SecondMoment, syrk_upper_
-from atoms.metrics import coherence, q_star
-from atoms.threshold_counts import ThresholdCounts, below_at_levels
+from atoms.aip.metric import AIP, SecondMoment, syrk_upper_
+from atoms.evaluate.metrics import coherence, q_star
+from atoms.evaluate.threshold_counts import ThresholdCounts, below_at_levels
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

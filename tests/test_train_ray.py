@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from atoms.checkpoint import find_checkpoints, load_checkpoint
-from atoms.errors import TrainingDiverged
-from atoms.sae_io import load_sae
-from atoms.train_ray import RAY_FOLDER, train_ray
-from atoms.train_run import FAULT_MARKER, train_local
+from atoms.train.checkpoint import find_checkpoints, load_checkpoint
+from atoms.core.errors import TrainingDiverged
+from atoms.sae.saelens import load_sae
+from atoms.train.ray_train import RAY_FOLDER, train_ray
+from atoms.train.run import FAULT_MARKER, train_local
 from tests.shardsets import synthetic_shard_set
 from tests.test_train_run import job
 
@@ -84,7 +84,7 @@ def test_nan_in_a_ray_run_stops_with_the_step(shard_set, tmp_path):
 
 
 def test_workers_that_leave_no_cpu_for_ray_data_are_refused(shard_set, tmp_path, ray_session):
-    from atoms.errors import ConfigError
+    from atoms.core.errors import ConfigError
 
     hungry = {**RAY, "cpus_per_worker": 1.0}
     with pytest.raises(ConfigError, match="leave less than 1 of the cluster's 2 CPUs"):

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from atoms.batches import DataSplit, ShardBatches, epoch_files
-from atoms.checkpoint import find_checkpoints, load_checkpoint
-from atoms.config import from_dict
-from atoms.errors import ConfigError, InputError, TrainingDiverged
-from atoms.sae_io import load_sae
-from atoms.train_run import TrainJob, train_local
-from atoms.training import Trainer
+from atoms.train.batches import DataSplit, ShardBatches, epoch_files
+from atoms.train.checkpoint import find_checkpoints, load_checkpoint
+from atoms.core.config import from_dict
+from atoms.core.errors import ConfigError, InputError, TrainingDiverged
+from atoms.sae.saelens import load_sae
+from atoms.train.run import TrainJob, train_local
+from atoms.train.loop import Trainer
 from tests.checks import crash_once_at
 from tests.shardsets import synthetic_shard_set
 
@@ -63,7 +63,7 @@ def test_the_final_sae_loads_and_matches_the_last_checkpoint(finished, shard_set
     ck_sae, payload = load_checkpoint(last[-1])
     assert payload["state"]["step"] == 160
     x = DataSplit.of(shard_set).holdout
-    from atoms.batches import read_rows
+    from atoms.train.batches import read_rows
 
     rows = read_rows(x, 32, 512)
     with torch.no_grad():
@@ -186,8 +186,8 @@ def test_the_train_command_prints_where_the_sae_is(shard_set, tmp_path, capsys):
 
 
 def test_an_aip_beside_the_shards_is_used_for_r2_and_decoder_norms(tmp_path):
-    from atoms.aip import AIP, SecondMoment, save_aip
-    from atoms.batches import read_rows
+    from atoms.aip.metric import AIP, SecondMoment, save_aip
+    from atoms.train.batches import read_rows
 
     folder = synthetic_shard_set(tmp_path / "shards", rows=4096, shards=4)
     split = DataSplit.of(folder)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from atoms.errors import ConfigError, InputError, TrainingDiverged
-from atoms.sae import SAEConfig, ThresholdSAE
-from atoms.synthetic import SyntheticConfig, make_atom_set, match_atoms
-from atoms.training import TrainConfig, schedule, train_sae
+from atoms.core.errors import ConfigError, InputError, TrainingDiverged
+from atoms.sae.model import SAEConfig, ThresholdSAE
+from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set, match_atoms
+from atoms.train.loop import TrainConfig, schedule, train_sae
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ import math
 import pytest
 import torch
 
-from atoms.aip import AIP, SecondMoment
-from atoms.errors import ConfigError, InputError
-from atoms.metrics import theorem_interval
-from atoms.sae import SAEConfig, ThresholdSAE
-from atoms.synthetic import SyntheticConfig, make_atom_set
-from atoms.unit_eval import UnitEvalConfig, evaluate_unit_set
-from atoms.units import UnitSet
+from atoms.aip.metric import AIP, SecondMoment
+from atoms.core.errors import ConfigError, InputError
+from atoms.evaluate.metrics import theorem_interval
+from atoms.sae.model import SAEConfig, ThresholdSAE
+from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
+from atoms.evaluate.unit_eval import UnitEvalConfig, evaluate_unit_set
+from atoms.evaluate.units import UnitSet
 
 K = 3
 

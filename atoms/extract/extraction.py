@@ -1,0 +1,208 @@
+"""Activation extraction without Ray: the config, the token windows, and one shard's work.
+
+Shard i holds the activations of windows [i·W, (i+1)·W) (W = ``windows_per_shard``) at every
+hook point, one Parquet file per (site, layer) folder. Ray glue lives in atoms/distributed.py.
+``out`` may be a storage URI (s3://…): shards are then written into the node mirror and
+published (atoms/shard_store.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from atoms.extract.hooks import SITES, HookPoint, check_hook_points, extract_rows
+from atoms.core.config import require, to_dict
+from atoms.extract.corpus import iter_documents, token_windows
+from atoms.core.errors import ConfigError, InputError
+from atoms.core.io import code_version
+from atoms.extract.models import LoadedModel, load_model
+from atoms.extract.shard_store import (
+    finished_layer_shards,
+    layer_rel,
+    layer_where,
+    publish_shard,
+    save_layer_manifest,
+    shard_width,
+)
+from atoms.extract.shards import Manifest, layer_dir, write_shard
+from atoms.store.storage import Storage, is_remote, mirror_path, redact
+
+
+@dataclass
+class ExtractConfig:
+    model: str = "smollm2-135m"
+    """Hugging Face id, local folder, or a built-in name (smollm2-135m, tiny-random, …)."""
+    revision: str | None = None
+    dtype: str | None = None
+    """Model dtype: float32 (CPU default), bfloat16 (GPU default) or float16."""
+    corpus: str = "wiki-sample"
+    """Built-in (wiki-sample, pydoc), local txt/jsonl/parquet, or a Hugging Face dataset."""
+    corpus_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    sites: list[str] = field(default_factory=lambda: ["resid_post"])
+    layers: list[int] = field(default_factory=lambda: [15])
+    positions: Literal["all", "no_bos", "last"] = "no_bos"
+    context_len: int = 128
+    prepend_bos: bool = True
+    max_tokens: int = 65536
+    """Tokens to run through the model (whole windows; the last partial window is dropped)."""
+    windows_per_shard: int = 64
+    batch_windows: int = 8
+    """Windows per forward pass."""
+    storage_dtype: Literal["float32", "float16"] = "float32"
+    num_actors: int = 1
+    """Model replicas (Ray actors); one per GPU on a cluster."""
+    actor_cpus: float = 1.0
+    actor_gpus: float | None = None
+    """GPUs per actor (default: 1 when CUDA is available, else 0)."""
+    out: str = "results/activations/smollm2-135m"
+    """Output folder, or a storage URI such as s3://bucket/prefix."""
+
+    def __post_init__(self):
+        for s in self.sites:
+            require(s in SITES, "sites", f"{s!r} is unknown (choose from {', '.join(SITES)})")
+        require(len(self.sites) > 0, "sites", "must list at least one site")
+        require(len(self.layers) > 0, "layers", "must list at least one layer")
+        require(all(layer >= 0 for layer in self.layers), "layers", "must be non-negative")
+        require(self.context_len >= 2, "context_len", "must be at least 2")
+        require(self.max_tokens >= self.context_len, "max_tokens", "must be ≥ context_len")
+        require(self.windows_per_shard >= 1, "windows_per_shard", "must be positive")
+        require(self.batch_windows >= 1, "batch_windows", "must be positive")
+        require(self.num_actors >= 1, "num_actors", "must be positive")
+        require(self.actor_cpus > 0, "actor_cpus", "must be positive")
+
+    @property
+    def hook_points(self) -> list[HookPoint]:
+        return [HookPoint(s, layer) for s in self.sites for layer in self.layers]
+
+
+@dataclass
+class Windows:
+    """All context windows of a run: ids (n, T) int64 and each window's document index."""
+
+    input_ids: np.ndarray
+    doc_ids: np.ndarray
+
+    def shard(self, index: int, per_shard: int) -> tuple[np.ndarray, np.ndarray]:
+        sl = slice(index * per_shard, (index + 1) * per_shard)
+        return self.input_ids[sl], self.doc_ids[sl]
+
+    def n_shards(self, per_shard: int) -> int:
+        return -(-len(self.input_ids) // per_shard)
+
+
+def build_windows(cfg: ExtractConfig, tokenizer) -> Windows:
+    """Tokenise the corpus into ``max_tokens // context_len`` full windows."""
+    docs = iter_documents(cfg.corpus, cfg.text_field, cfg.split, cfg.corpus_config)
+    wanted = cfg.max_tokens // cfg.context_len
+    windows = list(token_windows(docs, tokenizer, cfg.context_len, cfg.prepend_bos, wanted))
+    if not windows:
+        raise InputError(f"corpus {cfg.corpus!r} gave no window of {cfg.context_len} tokens")
+    ids = np.array([w.input_ids for w in windows], dtype=np.int64)
+    return Windows(ids, np.array([w.doc_id for w in windows], dtype=np.int64))
+
+
+class ShardExtractor:
+    """Holds one model replica and writes whole shards (used in-process and by Ray actors)."""
+
+    def __init__(self, cfg: ExtractConfig, loaded: LoadedModel | None = None):
+        self.cfg = cfg
+        self.loaded = loaded or load_model(cfg.model, cfg.dtype, revision=cfg.revision)
+        self.points = cfg.hook_points
+        check_hook_points(self.loaded.model, self.points)
+        self.bos_id = self.loaded.tokenizer.bos_token_id if cfg.prepend_bos else None
+        self.store = Storage(cfg.out) if is_remote(cfg.out) else None
+        self.root = mirror_path(cfg.out) if self.store else cfg.out
+
+    def extract(self, input_ids: np.ndarray):
+        """Rows of every hook point for these windows, batch by batch (a generator)."""
+        ids = torch.tensor(input_ids, dtype=torch.long)  # a copy: Ray hands read-only arrays
+        for b0 in range(0, len(ids), self.cfg.batch_windows):
+            batch = ids[b0 : b0 + self.cfg.batch_windows]
+            rows = extract_rows(self.loaded.model, batch, self.points, self.cfg.positions,
+                                self.bos_id)
+            yield b0, rows
+
+    def write(self, index: int, input_ids: np.ndarray, doc_ids: np.ndarray) -> dict:
+        """Extract one shard and write it to every hook point's folder (for a storage ``out``:
+        into this node's mirror, then published)."""
+        parts = {p: [] for p in self.points}
+        token_ids, docs, positions = [], [], []
+        window_docs = torch.tensor(doc_ids)
+        for b0, rows in self.extract(input_ids):
+            for p in self.points:
+                parts[p].append(rows.activations[p])
+            token_ids.append(rows.token_ids)
+            docs.append(window_docs[b0 + rows.window_index])
+            positions.append(rows.positions)
+        token_ids, docs, positions = (torch.cat(t).numpy() for t in (token_ids, docs, positions))
+        tokens = int(input_ids.size)
+        for p in self.points:
+            folder = layer_dir(self.root, p.site, p.layer)
+            write_shard(folder, index, torch.cat(parts[p]).numpy(), token_ids, docs, positions,
+                        dtype=self.cfg.storage_dtype, tokens=tokens)
+            if self.store:
+                publish_shard(self.store.child(layer_rel(p.site, p.layer)), folder, index)
+        return {"index": index, "rows": len(token_ids), "tokens": tokens}
+
+
+def pending_shards(cfg: ExtractConfig, n_shards: int) -> list[int]:
+    """Shards not yet finished (sidecar + matching checksum; stored: sidecar + matching size)
+    at every hook point."""
+    done = None
+    for p in cfg.hook_points:
+        finished = set(finished_layer_shards(cfg.out, p.site, p.layer))
+        done = finished if done is None else done & finished
+    return [i for i in range(n_shards) if i not in (done or set())]
+
+
+_RUN_FIELDS = ("model", "revision", "corpus", "corpus_config", "split", "text_field",
+               "positions", "context_len", "prepend_bos", "windows_per_shard", "storage_dtype")
+
+
+def claim_output(cfg: ExtractConfig) -> None:
+    """Record the run's config in ``out``; a rerun must match it field by field (resume)."""
+    store, name = Storage(cfg.out), "extract_config.json"
+    mine = {k: v for k, v in to_dict(cfg).items() if k in _RUN_FIELDS}
+    if store.size(name) is not None:
+        theirs = store.read_json(name)
+        for key in _RUN_FIELDS:
+            if theirs.get(key) != mine[key]:
+                raise ConfigError(
+                    f"{redact(cfg.out)}: holds an extraction with {key}={theirs.get(key)!r}, not "
+                    f"{mine[key]!r}; choose another out folder"
+                )
+        return
+    store.write_text(name, json.dumps(mine, indent=2))
+
+
+def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Path | str]:
+    """One manifest per hook point, listing its verified shards; returns the manifest paths
+    (for a storage ``out``: the stored URIs, the manifests also written to the mirror)."""
+    written = []
+    for p in cfg.hook_points:
+        shards = finished_layer_shards(cfg.out, p.site, p.layer)
+        missing = [i for i in range(n_shards) if i not in shards]
+        if missing:
+            raise InputError(f"{layer_where(cfg.out, p.site, p.layer)}: shards {missing[:5]} "
+                             "are not finished")
+        infos = [shards[i] for i in range(n_shards)]
+        manifest = Manifest(
+            model=cfg.model, revision=revision, site=p.site, layer=p.layer,
+            positions=cfg.positions, d=shard_width(cfg.out, p.site, p.layer, infos[0].name),
+            dtype=cfg.storage_dtype,
+            rows=sum(s.rows for s in infos), tokens_seen=sum(s.tokens for s in infos),
+            shards=infos, context_len=cfg.context_len, corpus=cfg.corpus, config=to_dict(cfg),
+            code_version=code_version(),
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        written.append(save_layer_manifest(cfg.out, p.site, p.layer, manifest))
+    return written

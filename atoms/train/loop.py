@@ -1,0 +1,434 @@
+"""Executor-agnostic SAE training: a step, an epoch loop, and the state that resumes them.
+
+``Trainer`` owns the SAE, its Adam optimiser and a ``TrainState`` (step, data position, dead-latent
+tracking, RNG, history). ``train_epochs`` feeds it batches from any source (``atoms.train.batches``).
+The plain loop, a Ray Train worker and a Ray Tune trial all run this code; a worker passes its
+DDP-wrapped objective and a ``Sync`` over torch.distributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import get_args
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from atoms.aip.metric import AIP
+from atoms.train.batches import TensorBatches
+from atoms.core.config import require
+from atoms.core.errors import InputError, TrainingDiverged
+from atoms.train.fast_step import FastThresholdStep, StepMode, fast_step_applies
+from atoms.sae.model import SparseAutoencoder
+from atoms.core.validation import as_rows, check_finite
+
+STEP_MODES = (*get_args(StepMode), "reference")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    """Optimiser steps."""
+    batch_size: int = 1024
+    lr: float = 1e-3
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+    lr_warmup_steps: int = 100
+    """Linear learning-rate warm-up from 0."""
+    lr_decay_fraction: float = 0.2
+    """Final fraction of steps over which the learning rate decays linearly to 0."""
+    sparsity_coeff: float = 1e-3
+    """λ in loss = ‖x − x̂‖² + λ·sparsity (normalised units)."""
+    sparsity_warmup_steps: int = 500
+    """Linear warm-up of λ from 0."""
+    resample_every: int = 0
+    """Every this many steps, re-initialise latents that did not fire in the window (0: off)."""
+    resample_until: float = 0.6
+    """Stop resampling after this fraction of the steps."""
+    dead_window: int = 1000
+    """A latent that has not fired for this many steps counts as dead."""
+    log_every: int = 50
+    """Steps between history rows (each the mean over its window) and divergence checks."""
+    seed: int = 0
+    step: str = "auto"
+    """Threshold SAE (L0 loss) step: 'auto' (fast; sparse once L0/N is small), 'dense',
+    'sparse', or 'reference' (autograd through the module; also used for other SAEs)."""
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps", f"must be positive, got {self.steps}")
+        require(self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(self.sparsity_coeff >= 0, "sparsity_coeff", "must be non-negative")
+        require(0 <= self.lr_decay_fraction <= 1, "lr_decay_fraction", "must be in [0, 1]")
+        require(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be non-negative")
+        require(self.sparsity_warmup_steps >= 0, "sparsity_warmup_steps", "must be non-negative")
+        require(self.resample_every >= 0, "resample_every", "must be non-negative")
+        require(self.dead_window >= 1, "dead_window", "must be positive")
+        require(self.log_every >= 1, "log_every", "must be positive")
+        require(self.step in STEP_MODES, "step", f"must be one of {STEP_MODES}, got {self.step!r}")
+
+
+def schedule(step: int, cfg: TrainConfig) -> tuple[float, float]:
+    """(learning rate, sparsity coefficient) at ``step`` (0-based)."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    decay_start = cfg.steps * (1 - cfg.lr_decay_fraction)
+    decay = 1.0
+    if cfg.lr_decay_fraction > 0 and step >= decay_start:
+        decay = max(0.0, (cfg.steps - step) / (cfg.steps - decay_start))
+    coeff_warm = (
+        min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
+    )
+    return cfg.lr * warm * decay, cfg.sparsity_coeff * coeff_warm
+
+
+def uses_fast_step(sae: SparseAutoencoder, cfg: TrainConfig) -> bool:
+    """Whether a Trainer without an injected objective takes the hand-written step."""
+    return cfg.step != "reference" and fast_step_applies(sae)
+
+
+def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam; on CUDA its fused kernel (one launch for every parameter)."""
+    params = [p for p in sae.parameters() if p.requires_grad]
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            fused=fused or None)
+
+
+class SAEObjective(nn.Module):
+    """The training loss as a module of tensors only, the form DDP wraps.
+
+    forward(x, λ) → (loss, mse, mean L0, fired), fired = which latents were active in x.
+    """
+
+    def __init__(self, sae: SparseAutoencoder):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, coeff: float):
+        out = self.sae(x)
+        terms = self.sae.loss(out, coeff)
+        return terms.total, terms.mse.detach(), terms.l0, (out.codes.detach() != 0).any(0)
+
+
+def train_step(
+    objective: nn.Module, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor, coeff: float,
+) -> tuple[torch.Tensor, ...]:
+    """One forward/backward/update, constraints re-applied: (loss, mse, l0, fired) tensors."""
+    loss, mse, l0, fired = objective(batch, coeff)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    sae.constrain_()
+    return loss.detach(), mse, l0, fired
+
+
+class Sync:
+    """Collectives across data-parallel workers; this single-process one is the identity."""
+
+    rank, world = 0, 1
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def min_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def mean_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Copy rank 0's values into every rank's ``tensors``."""
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(world, *t.shape): every rank's ``t``."""
+        return t[None]
+
+
+class TorchDistributedSync(Sync):
+    """Sync over an initialised torch.distributed process group."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def _reduce(self, t, op):
+        self.dist.all_reduce(t, op=op)
+        return t
+
+    def max_(self, t):
+        return self._reduce(t, self.dist.ReduceOp.MAX)
+
+    def min_(self, t):
+        return self._reduce(t, self.dist.ReduceOp.MIN)
+
+    def mean_(self, t):
+        return self._reduce(t, self.dist.ReduceOp.SUM).div_(self.world)
+
+    def broadcast_(self, tensors):
+        for t in tensors:
+            self.dist.broadcast(t, src=0)
+
+    def gather(self, t):
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        self.dist.all_gather(out, t)
+        return torch.stack(out)
+
+
+@torch.no_grad()
+def resample_dead_(
+    sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+    dead: torch.Tensor, gen: torch.Generator, sync: Sync | None = None,
+) -> int:
+    """Point dead latents at poorly reconstructed inputs (rows chosen ∝ ‖x − x̂‖²).
+
+    Decoder row = the unit input x − b_dec, encoder column = its transpose, b_enc = 0,
+    threshold = the median live threshold; their Adam moments are reset. Rank 0 draws the
+    rows and broadcasts the new weights. Returns how many latents were resampled.
+    """
+    sync = sync or Sync()
+    idx = dead.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return 0
+    if sync.rank == 0:
+        out = sae(batch)
+        weights = (out.x_norm - out.recon_norm).pow(2).sum(1)
+        if float(weights.sum()) > 0:
+            rows = torch.multinomial(weights.cpu(), idx.numel(), replacement=True, generator=gen)
+            new = out.x_norm[rows.to(batch.device)] - sae.b_dec
+            new /= new.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            sae.W_dec[idx] = new
+            sae.W_enc[:, idx] = new.T
+            sae.b_enc[idx] = 0.0
+            if hasattr(sae, "threshold"):
+                live = sae.threshold[~dead]
+                sae.threshold[idx] = live.median() if live.numel() else sae.cfg.init_threshold
+    touched = [(sae.W_dec, 0), (sae.W_enc, 1), (sae.b_enc, 0)]
+    if hasattr(sae, "threshold"):
+        touched.append((sae.threshold, 0))
+    sync.broadcast_([p.data for p, _ in touched])
+    for p, dim in touched:
+        state = optimizer.state.get(p)
+        for key in ("exp_avg", "exp_avg_sq") if state else ():
+            state[key].index_fill_(dim, idx, 0.0)
+    sae.constrain_()
+    return idx.numel()
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimiser that a resumed run needs."""
+
+    step: int = 0
+    """Optimiser steps taken."""
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Data position: batches of ``epoch`` already consumed (this rank)."""
+    last_fired: torch.Tensor | None = None
+    """Per latent, the last step at which it fired (−1: never)."""
+    resampled: int = 0
+    history: list[dict] = field(default_factory=list)
+    """One row per ``log_every`` steps: means over the window."""
+    evals: list[dict] = field(default_factory=list)
+    threshold_start: torch.Tensor | None = None
+    rng: torch.Tensor | None = None
+    resumed_from: list[int] = field(default_factory=list)
+    """Steps at which this run was resumed from a checkpoint."""
+
+
+class Trainer:
+    """Adam on one SAE with the schedule, dead-latent tracking, resampling and divergence stop."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, objective: nn.Module | None = None,
+                 sync: Sync | None = None):
+        self.sae, self.cfg = sae, cfg
+        self.sync = sync or Sync()
+        self.fast = None
+        if objective is None and uses_fast_step(sae, cfg):
+            self.fast = FastThresholdStep(sae, cfg.step)
+            self.sync.broadcast_([p.data for p in sae.parameters()])
+        self.objective = objective if objective is not None else SAEObjective(sae)
+        self.optimizer = make_optimizer(sae, cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        device = sae.W_dec.device
+        self.state = TrainState(last_fired=torch.full((sae.cfg.d_sae,), -1, device=device))
+        if hasattr(sae, "threshold"):
+            self.state.threshold_start = sae.threshold.detach().cpu().clone()
+        self._window: list[tuple] = []
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self, batch: torch.Tensor) -> None:
+        s, cfg = self.state, self.cfg
+        lr, coeff = schedule(s.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.fast is not None:
+            loss, mse, l0, fired = self._fast_step(batch, coeff)
+        else:
+            loss, mse, l0, fired = train_step(self.objective, self.sae, self.optimizer, batch,
+                                              coeff)
+        s.last_fired = torch.where(fired, s.step, s.last_fired)
+        self._window.append((s.step, lr, coeff, loss, mse, l0))
+        s.step += 1
+        if cfg.resample_every and s.step % cfg.resample_every == 0:
+            if s.step <= cfg.resample_until * cfg.steps:
+                self._resample(batch)
+        if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+            self.flush()
+
+    def _fast_step(self, batch: torch.Tensor, coeff: float):
+        """The hand-written step; across workers the gradients are averaged in one buffer."""
+        terms = self.fast(batch, coeff)
+        if self.sync.world > 1:
+            grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+            flat = self.sync.mean_(torch.cat([g.reshape(-1) for g in grads]))
+            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.view_as(g))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sae.constrain_()
+        return terms
+
+    def dead(self, window: int | None = None) -> torch.Tensor:
+        """Latents that fired on no worker in the last ``window`` steps (bool, d_sae)."""
+        window = window or self.cfg.dead_window
+        last = self.sync.max_(self.state.last_fired.clone())
+        return last < self.state.step - window
+
+    def _resample(self, batch: torch.Tensor) -> None:
+        dead = self.dead(self.cfg.resample_every)
+        n = resample_dead_(self.sae, self.optimizer, batch, dead, self.gen, self.sync)
+        self.state.resampled += n
+        self.state.last_fired[dead] = self.state.step - 1
+
+    def flush(self) -> dict | None:
+        """Check the window for a non-finite loss (stop with its step), then log its means."""
+        if not self._window:
+            return None
+        window, self._window = self._window, []
+        losses = torch.stack([w[3] for w in window])
+        bad = (~torch.isfinite(losses)).nonzero()
+        first = torch.tensor(window[int(bad[0])][0] if len(bad) else 2**62, device=losses.device)
+        first = int(self.sync.min_(first))
+        if first < 2**62:
+            lr = schedule(first, self.cfg)[0]
+            raise TrainingDiverged(f"training: non-finite loss at step {first} (lr={lr:g})",
+                                   step=first)
+        means = self.sync.mean_(torch.stack([losses.mean(), torch.stack([w[4] for w in window])
+                                             .mean(), torch.stack([w[5] for w in window]).mean()]))
+        step, lr, coeff = window[-1][:3]
+        row = {"step": step, "lr": lr, "coeff": coeff, "loss": float(means[0]),
+               "mse": float(means[1]), "l0": float(means[2])}
+        self.state.history.append(row)
+        return row
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Optimiser, TrainState and the exact normalised-unit small tensors."""
+        s = self.state
+        exact = {k: v.detach().cpu().clone() for k, v in self.sae.named_parameters()
+                 if k in ("b_enc", "b_dec", "threshold")}
+        exact["input_scale"] = self.sae.input_scale.detach().cpu().clone()
+        fast = {} if self.fast is None else {"fast_step": {"calls": self.fast.calls,
+                                                           "density": self.fast.density}}
+        return {
+            **fast,  # the auto step's dense/sparse choice, so a resumed run makes the same one
+            "optimizer": self.optimizer.state_dict(),
+            "state": {**s.__dict__, "last_fired": s.last_fired.cpu(), "rng": self.gen.get_state()},
+            "exact": exact,
+            "positions": self.sync.gather(torch.tensor([s.epoch, s.batch_in_epoch],
+                                                       device=s.last_fired.device)).cpu(),
+        }
+
+    def load_state_dict(self, payload: dict) -> None:
+        """Restore what ``state_dict`` saved; this rank's data position comes from its row."""
+        with torch.no_grad():
+            params = dict(self.sae.named_parameters())
+            for name, value in payload["exact"].items():
+                target = self.sae.input_scale if name == "input_scale" else params[name]
+                target.copy_(value)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.fast is not None and "fast_step" in payload:
+            self.fast.calls = int(payload["fast_step"]["calls"])
+            self.fast.density = float(payload["fast_step"]["density"])
+        fields = dict(payload["state"])
+        self.gen.set_state(fields.pop("rng"))
+        fields["last_fired"] = fields["last_fired"].to(self.sae.W_dec.device)
+        self.state = TrainState(**fields)
+        positions = payload["positions"]
+        if len(positions) != self.sync.world:
+            raise InputError(f"checkpoint: saved by {len(positions)} workers, resumed with "
+                             f"{self.sync.world}; resume with the same number of workers")
+        self.state.epoch, self.state.batch_in_epoch = map(int, positions[self.sync.rank])
+        self.state.resumed_from.append(self.state.step)
+
+
+def train_epochs(trainer: Trainer, source, until: int | None = None,
+                 on_step: Callable[[Trainer], None] | None = None, progress: bool = False) -> None:
+    """Train from the state's data position until ``until`` steps (default: cfg.steps).
+
+    ``source.epoch(e)`` yields the batches of epoch e; the first ``batch_in_epoch`` of the
+    current epoch are skipped on resume. ``on_step`` runs after every step (checkpoints, eval).
+    """
+    s = trainer.state
+    until = trainer.cfg.steps if until is None else until
+    bar = tqdm(total=until, initial=s.step, disable=not progress,
+               desc=f"train {trainer.sae.cfg.kind} SAE")
+    while s.step < until:
+        seen = 0
+        for i, batch in enumerate(source.epoch(s.epoch)):
+            seen = i + 1
+            if i < s.batch_in_epoch:
+                continue
+            trainer.step(batch)
+            s.batch_in_epoch = i + 1
+            bar.update(1)
+            if s.history and s.step == s.history[-1]["step"] + 1:
+                bar.set_postfix(mse=f"{s.history[-1]['mse']:.4f}", l0=f"{s.history[-1]['l0']:.1f}")
+            if on_step is not None:
+                on_step(trainer)
+            if s.step >= until:
+                break
+        else:
+            if seen == 0:
+                raise InputError("data: an epoch yielded no full batch (batch_size larger than "
+                                 "this worker's rows?)")
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+    trainer.flush()
+    bar.close()
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    """Loss terms every ``log_every`` steps."""
+    threshold_start: torch.Tensor | None = None
+    threshold_end: torch.Tensor | None = None
+    resampled: int = 0
+    """Latents re-initialised by dead-latent resampling."""
+
+
+def train_sae(
+    sae: SparseAutoencoder,
+    data: torch.Tensor,
+    cfg: TrainConfig,
+    aip: AIP | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``sae`` on the rows of ``data`` (a new permutation every epoch) with Adam."""
+    data = as_rows(data, "activations", d=sae.cfg.d_in).float()
+    check_finite(data, "activations")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sae.fit_input_scale(data[torch.randperm(len(data), generator=gen)[:16384]])
+    if aip is not None:
+        sae.set_metric(aip)
+    trainer = Trainer(sae, cfg)
+    train_epochs(trainer, TensorBatches(data, min(cfg.batch_size, len(data)), cfg.seed),
+                 progress=progress)
+    s = trainer.state
+    end = sae.threshold.detach().clone() if hasattr(sae, "threshold") else None
+    return TrainResult(s.history, s.threshold_start, end, s.resampled)
