@@ -31,10 +31,10 @@ from analysis.aggregate import at_largest, best, interval_table, load_results
 from analysis.summary import markdown
 from atoms.core.errors import AtomsError, InputError
 from atoms.core.io import atomic_path
-from atoms.store.results import MONOSEMANTICITY, publish_results, pull_results
-from atoms.extract.shards import ShardSet, read_shard
-from atoms.store.storage import is_remote, locate
 from atoms.evaluate.units import UnitSet, load_unit_set
+from atoms.extract.shards import ShardSet, is_shard_set, read_shard
+from atoms.store.results import MONOSEMANTICITY, publish_results, pull_results
+from atoms.store.storage import is_remote, locate
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _paths(shards) -> list[Path]:
         folder = Path(shards)
         if not folder.is_dir():
             raise InputError(f"{folder}: shard folder not found")
-        if (folder / "manifest.json").is_file():
+        if is_shard_set(folder):
             return ShardSet.open(folder, verify=False).paths
         paths = sorted(folder.glob("shard-*.parquet"))
         if not paths:

@@ -20,12 +20,13 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from atoms.aip.metric import AIP, load_aip  # noqa: E402
-from atoms.train.batches import DataSplit, read_rows  # noqa: E402
 from atoms.core.errors import AtomsError  # noqa: E402
 from atoms.evaluate.metrics import l0_per_row, threshold_interval_check  # noqa: E402
+from atoms.extract.shards import is_shard_set  # noqa: E402
+from atoms.sae.formats import load_any_sae  # noqa: E402
 from atoms.sae.model import SparseAutoencoder  # noqa: E402
 from atoms.store.storage import locate  # noqa: E402
-from atoms.evaluate.units import load_any_sae  # noqa: E402
+from atoms.train.batches import DataSplit, read_rows  # noqa: E402
 
 COLOURS = {"atoms": "#1b6ca8", "relu_features": "#e07b39", "neurons": "#444444",
            "random": "#9a9a9a"}
@@ -268,7 +269,7 @@ def held_out_sample(row: pd.Series, n: int = SAMPLE_ROWS, seed: int = 0) -> torc
     if not isinstance(raw, str) or not raw:
         raise Skipped("the results record no data_folder")
     folder, data = locate(raw), study_config(row).get("data", {})
-    if not (folder / "manifest.json").is_file():
+    if not is_shard_set(folder):
         raise Skipped(f"activation shards not found at {folder}")
     val, test = int(data.get("validation_rows", 0)), int(data.get("test_rows", n))
     try:

@@ -24,10 +24,10 @@ import pandas as pd
 from analysis import plots
 from analysis.aggregate import aggregate, best, headline, interval_table, load_results
 from analysis.scaling_law import KEYS, critical_capacity, fit_power_law, gao_fit, law_summary
+from atoms.aip.shift import pairwise_angles
 from atoms.core.errors import AtomsError, InputError
 from atoms.core.io import atomic_path
 from atoms.store.results import publish_results, pull_results
-from atoms.aip.shift import pairwise_angles
 from atoms.store.storage import is_remote
 
 UNIT_COLUMNS = {"unit_set": "unit set", "family": "family", "d_sae_over_h": "|D|/H",

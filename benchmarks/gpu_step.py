@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from atoms.train.fast_step import FastThresholdStep
 from atoms.sae.model import SAEConfig, ThresholdSAE
+from atoms.train.fast_step import FastThresholdStep
 from atoms.train.loop import SAEObjective, TrainConfig, Trainer
 from benchmarks.common import record
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import atoms.store.storage
-from atoms.extract.shards import ShardSet
+from atoms.extract.shards import MANIFEST, ShardSet
 from atoms.store.storage import Storage, pull
 from benchmarks.common import record
 from tests.s3server import S3Server
@@ -57,7 +57,7 @@ def main() -> None:
                 store = Storage(server.uri(f"bench-{transfers}"))
                 steps += [
                     (f"put_tree to S3, {transfers} at once",
-                     timed(store.put_tree, tmp / "shards", "", last=("manifest.json",))),
+                     timed(store.put_tree, tmp / "shards", "", last=(MANIFEST,))),
                     (f"pull into an empty mirror, {transfers} at once", timed(pull, store.uri))]
             steps += [("pull again (nothing to copy)", timed(pull, store.uri)),
                       ("pull again + sha256 of every shard",

@@ -10,16 +10,19 @@ be written fails before any model is loaded.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from atoms.aip.data_plane import DataConfig
+from atoms.core.cli import config_parser, run
 from atoms.core.config import load_yaml
 from atoms.extract.ray_extract import run_extraction
 from atoms.store.storage import Storage, redact
-from experiments.common import config_parser, run
-from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
+
+DEFAULT_MODEL_CONFIG = Path(__file__).with_name("configs") / "models" / "smollm2-135m.yaml"
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser(__doc__.splitlines()[0], DEFAULT_MODEL_CONFIG).parse_args(argv)
+    args = config_parser(__doc__.splitlines()[0], DEFAULT_MODEL_CONFIG, DataConfig).parse_args(argv)
     cfg = load_yaml(DataConfig, args.config)
     if args.out is not None:
         cfg.extract.out = str(args.out)

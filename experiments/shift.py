@@ -13,29 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from atoms.aip.metric import load_aip
+from atoms.aip.data_plane import DataConfig
+from atoms.aip.fit import layer_aip_uri, load_aip_once
+from atoms.aip.shift import angle_centre, pairwise_angles, sample_rows
+from atoms.core.cli import config_parser, run
 from atoms.core.config import load_yaml
 from atoms.core.io import atomic_path
-from atoms.extract.shards import ShardSet, layer_folders
-from atoms.aip.shift import angle_centre, pairwise_angles
-from experiments.common import config_parser, run
-from experiments.data_config import DEFAULT_MODEL_CONFIG, DataConfig
+from atoms.extract.shard_store import layer_folders
 
-
-def sample_rows(folder: Path, n: int, seed: int) -> torch.Tensor:
-    """``n`` rows drawn without replacement from the first shards holding at least 10·n rows."""
-    shards = ShardSet.open(folder)
-    parts, have = [], 0
-    for batch in shards.iter_batches(65536):
-        parts.append(batch)
-        have += len(batch)
-        if have >= 10 * n:
-            break
-    rows = torch.cat(parts)
-    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n]
-    return rows[pick]
+DEFAULT_MODEL_CONFIG = Path(__file__).with_name("configs") / "models" / "smollm2-135m.yaml"
 
 
 def plot(angles: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
@@ -66,12 +53,12 @@ def plot(angles: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser(__doc__.splitlines()[0], DEFAULT_MODEL_CONFIG).parse_args(argv)
+    args = config_parser(__doc__.splitlines()[0], DEFAULT_MODEL_CONFIG, DataConfig).parse_args(argv)
     cfg = load_yaml(DataConfig, args.config)
     root = Path(args.out) if args.out is not None else cfg.root
     table, angles = [], {}
     for folder in layer_folders(root):
-        aip, meta = load_aip(folder / "aip.safetensors")
+        aip, meta = load_aip_once(layer_aip_uri(folder))
         x = sample_rows(folder, cfg.shift.sample, cfg.shift.seed)
         euclid, metric = pairwise_angles(x), pairwise_angles(x, aip)
         row = {"site": meta["site"], "layer": meta["layer"], "pairs": len(euclid)}

@@ -25,30 +25,31 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from atoms.core.cli import config_parser, load_config, run
 from atoms.core.config import require, to_dict
 from atoms.core.io import atomic_path, code_version
 from atoms.evaluate.metrics import coherence, l0_summary, q_star, r2_scores, theorem_interval
 from atoms.evaluate.recovery import support_agreement
+from atoms.evaluate.synthetic import (
+    AtomSetShape,
+    SyntheticAtoms,
+    SyntheticConfig,
+    make_atom_set,
+    match_atoms,
+)
 from atoms.sae.model import SAEConfig, ThresholdSAE, build_sae
-from atoms.evaluate.synthetic import SyntheticAtoms, SyntheticConfig, make_atom_set, match_atoms
 from atoms.train.loop import TrainConfig, train_sae
-from experiments.common import CONFIGS, config_parser, load_config, run
 
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "synthetic.yaml"
 UNIT_SETS = ("closed_form_tsae", "closed_form_relu", "trained_tsae", "trained_relu")
 
 
 @dataclass
-class SyntheticStudyConfig:
-    d: int = 64
-    """Activation width H."""
-    n_atoms: int = 128
-    """True atoms N."""
+class SyntheticStudyConfig(AtomSetShape):
     coherences: list[float] = field(default_factory=lambda: [0.15, 0.25, 0.4])
     """Target AIP coherences ε to sweep."""
     ks: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Sparsities K to sweep (each code has 1..K atoms)."""
-    delta_min: float = 1.0
-    delta_max: float = 2.0
     n_samples: int = 20000
     """Training activations per cell."""
     eval_samples: int = 2000
@@ -57,20 +58,18 @@ class SyntheticStudyConfig:
     """Trained SAE width = latents_per_atom · N."""
     train_saes: bool = True
     """Also train a TSAE and a ReLU SAE per cell (the slow part)."""
-    tsae_bandwidth: float = 0.1
-    """STE bandwidth ε of the trained TSAE (normalised units)."""
-    tsae_init_threshold: float = 0.3
-    """Initial threshold of the trained TSAE (normalised units)."""
-    sae_bias: bool = False
-    """Give the trained SAEs b_enc/b_dec (the theorem has none; a b_dec can absorb the mean
-    atom and tilt the learned directions)."""
+    sae: SAEConfig = field(default_factory=lambda: SAEConfig(
+        bandwidth=0.1, init_threshold=0.3, bias=False))
+    """The trained SAEs (the TSAE's bandwidth and init_threshold; ``bias`` for both: the
+    theorem has none, and a b_dec can absorb the mean atom and tilt the learned directions);
+    the study sets d_in, d_sae, kind and seed."""
     relu_sparsity_coeff: float = 0.1
-    """L1 coefficient of the ReLU SAE."""
+    """The ReLU SAE's sparsity coefficient (its L1 weight)."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
     out: str = "results/synthetic"
 
     def __post_init__(self):
+        super().__post_init__()
         require(len(self.coherences) > 0, "coherences", "must list at least one value")
         require(len(self.ks) > 0, "ks", "must list at least one value")
         for c in self.coherences:
@@ -102,7 +101,7 @@ def _evaluate(sae, ev: SyntheticAtoms, assignment: np.ndarray | None = None) -> 
     residual = ev.activations - out.recon.double()
     row["recon_error_aip_max"] = float(ev.aip.norm(residual).max())
     coh = coherence(sae.W_dec.detach(), ev.aip)  # under the ground-truth metric
-    row["q_star"] = q_star(coh, out.l0)
+    row["q_star_pairwise"] = q_star(coh, out.l0)
     row["coherence_max"] = coh.mu
     return row
 
@@ -115,7 +114,7 @@ def _closed_form(atoms: SyntheticAtoms, ev: SyntheticAtoms) -> list[dict]:
     bound = math.sqrt(1 + (c.k - 1) * eps) * (c.k - 1) * eps * math.sqrt(c.k) * c.delta_max
     rows = []
     for name, threshold in (("closed_form_tsae", tau), ("closed_form_relu", 0.0)):
-        row = _evaluate(ThresholdSAE.from_dictionary(atoms.atoms, atoms.aip.metric, threshold), ev)
+        row = _evaluate(ThresholdSAE.from_dictionary(atoms.atoms, atoms.aip, threshold), ev)
         rows.append({"unit_set": name, "threshold": threshold, "recon_bound_aip": bound,
                      "atom_recovery_099": 1.0, **row})
     return rows
@@ -125,11 +124,9 @@ def _trained(cfg: SyntheticStudyConfig, atoms: SyntheticAtoms, ev: SyntheticAtom
     rows = []
     d_sae = cfg.latents_per_atom * cfg.n_atoms
     variants = {
-        "trained_tsae": (SAEConfig(d_in=cfg.d, d_sae=d_sae, bandwidth=cfg.tsae_bandwidth,
-                                   init_threshold=cfg.tsae_init_threshold, bias=cfg.sae_bias,
-                                   seed=cfg.seed),
+        "trained_tsae": (dataclasses.replace(cfg.sae, d_in=cfg.d, d_sae=d_sae, seed=cfg.seed),
                          cfg.train),
-        "trained_relu": (SAEConfig(d_in=cfg.d, d_sae=d_sae, kind="relu", bias=cfg.sae_bias,
+        "trained_relu": (SAEConfig(d_in=cfg.d, d_sae=d_sae, kind="relu", bias=cfg.sae.bias,
                                    seed=cfg.seed),
                          dataclasses.replace(cfg.train, sparsity_coeff=cfg.relu_sparsity_coeff)),
     }
@@ -152,9 +149,9 @@ def _trained(cfg: SyntheticStudyConfig, atoms: SyntheticAtoms, ev: SyntheticAtom
 
 def run_cell(cfg: SyntheticStudyConfig, eps: float, k: int, progress: bool = False) -> list[dict]:
     """All unit sets for one (ε, K) cell; training and held-out data share the atoms."""
-    syn = SyntheticConfig(d=cfg.d, n_atoms=cfg.n_atoms, coherence=eps, k=k, exact_k=False,
-                          delta_min=cfg.delta_min, delta_max=cfg.delta_max,
-                          n_samples=cfg.n_samples + cfg.eval_samples, seed=cfg.seed)
+    shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(AtomSetShape)}
+    syn = SyntheticConfig(**shape, coherence=eps, k=k, exact_k=False,
+                          n_samples=cfg.n_samples + cfg.eval_samples)
     full = make_atom_set(syn)
     n = cfg.n_samples
     train = dataclasses.replace(full, codes=full.codes[:n], activations=full.activations[:n])
@@ -231,12 +228,12 @@ def run_study(cfg: SyntheticStudyConfig, progress: bool = True) -> tuple[pd.Data
 
 def summary(table: pd.DataFrame) -> str:
     cols = ["epsilon", "k", "theorem_holds", "unit_set", "support_exact", "atom_recovery_099",
-            "l0_mean", "r2_euclid_centred", "q_star"]
+            "l0_mean", "r2_euclid_centred", "q_star_pairwise"]
     return table[[c for c in cols if c in table]].to_string(index=False, float_format="%.3f")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser(__doc__.splitlines()[0], CONFIGS / "synthetic.yaml")
+    parser = config_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, SyntheticStudyConfig)
     args = parser.parse_args(argv)
     cfg = load_config(SyntheticStudyConfig, args)
     table, out = run_study(cfg, progress=not args.quiet)

@@ -13,28 +13,33 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
+from atoms.core.cli import config_parser, run
 from atoms.core.config import load_yaml
-from atoms.train.run_folder import RunFolder
 from atoms.store.storage import Storage, redact
-from atoms.train.run import METRICS, TrainJob, train_local
-from experiments.common import CONFIGS, config_parser, run
+from atoms.train.job import TrainJob
+from atoms.train.run import train_local
+from atoms.train.run_folder import METRICS, RunFolder
 
+CONFIGS = Path(__file__).with_name("configs")
 DEFAULT_TRAIN_CONFIG = CONFIGS / "train" / "smollm2-135m-layer5-4h.yaml"
 SHOWN = ("eval_r2_euclid_centred", "train_r2_euclid_centred", "eval_l0_mean",
-         "eval_dead_fraction", "train_dead_fraction", "eval_theta_mean", "eval_theta_moved")
+         "eval_dead_fraction", "train_dead_fraction", "eval_threshold_mean",
+         "eval_threshold_moved")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser(__doc__.splitlines()[0], DEFAULT_TRAIN_CONFIG)
+    parser = config_parser(__doc__.splitlines()[0], DEFAULT_TRAIN_CONFIG, TrainJob)
     parser.add_argument("--executor", choices=["plain", "ray"], default=None)
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
     job = load_yaml(TrainJob, args.config)
     changes = {k: v for k, v in (("out", None if args.out is None else str(args.out)),
-                                 ("executor", args.executor), ("workers", args.workers))
-               if v is not None}
+                                 ("executor", args.executor)) if v is not None}
     job.run = dataclasses.replace(job.run, **changes)
+    if args.workers is not None:
+        job.ray = dataclasses.replace(job.ray, workers=args.workers)
     Storage(job.run.out).check_writable("out")  # leaves nothing behind
     if job.run.executor == "ray":
         from atoms.train.ray_train import train_ray

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atoms.extract.shards import Manifest, write_manifest, write_shard
 from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
+from atoms.extract.shards import Manifest, write_manifest, write_shard
 
 
 def write_shard_set(folder, x: torch.Tensor, shards: int) -> Path:

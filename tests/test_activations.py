@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from atoms.extract.hooks import HookPoint, extract_rows, hooked_forward, position_mask
 from atoms.core.errors import InputError
+from atoms.extract.hooks import HookPoint, extract_rows, hooked_forward, position_mask
 from atoms.extract.models import load_model, transformer_layers
 
 LAYOUTS = ["tiny-random", "tiny-random-gemma2", "tiny-random-gpt2", "tiny-random-neox"]

@@ -33,7 +33,7 @@ def test_round_trip():
             {"name": "a", "sae": {"d_in": 4, "d_sae": 8, "kind": "gated"}},
             "sae.kind: expected one of",
         ),
-        ({"name": "a", "sae": {"d_in": 4}}, "sae.d_sae: required field is missing"),
+        ({"sae": {"d_in": 4, "d_sae": 8}}, "name: required field is missing"),
         ({"name": "a", "sae": {"d_in": 4, "d_sae": 8}, "bogus": 1}, "bogus: unknown field"),
         (
             {"name": "a", "sae": {"d_in": 4, "d_sae": 8}, "sizes": [1, "x"]},

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from atoms.core.errors import InputError
 from atoms.extract.corpus import (
     BUILTIN_CORPORA,
     CorpusNotAvailable,
@@ -15,7 +16,6 @@ from atoms.extract.corpus import (
     strip_wiki_markup,
     token_windows,
 )
-from atoms.core.errors import InputError
 
 
 class CharTokenizer:

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from atoms.aip.metric import load_aip
+from atoms.core.cli import run
 from experiments import extract, fit_aip, shift
-from experiments.common import run
 
 TINY = """
 extract:

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from experiments.common import run
+from atoms.core.cli import run
 from experiments.synthetic import UNIT_SETS, main
 
 TINY = """

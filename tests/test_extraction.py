@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from atoms.aip.metric import SecondMoment
-from atoms.extract.ray_extract import fit_second_moment, run_extraction
+from atoms.aip.ray_moment import fit_second_moment
 from atoms.core.errors import ConfigError, InputError
 from atoms.extract.extraction import ExtractConfig, build_windows
 from atoms.extract.models import ModelNotAvailable, load_model, transformer_layers
-from atoms.extract.shards import ShardSet, layer_dir, read_shard, shard_name
+from atoms.extract.ray_extract import run_extraction
+from atoms.extract.shards import ShardSet, layer_folder, read_shard, shard_name
 
 
 def config(tmp_path, **kw):
@@ -31,7 +32,7 @@ def extracted(tmp_path_factory, ray_session):
 def test_manifests_and_shard_layout(extracted):
     cfg, manifests = extracted
     assert len(manifests) == 4
-    sets = {(s, layer): ShardSet.open(layer_dir(cfg.out, s, layer))
+    sets = {(s, layer): ShardSet.open(layer_folder(cfg.out, s, layer))
             for s in cfg.sites for layer in cfg.layers}
     for (site, layer), ss in sets.items():
         m = ss.manifest
@@ -56,11 +57,11 @@ def test_shards_equal_a_direct_forward(extracted):
     with torch.no_grad():
         loaded.model(input_ids=ids)
     handle.remove()
-    resid = ShardSet.open(layer_dir(cfg.out, "resid_post", 2)).read_all()
+    resid = ShardSet.open(layer_folder(cfg.out, "resid_post", 2)).read_all()
     assert torch.equal(resid, hidden[3][:, 1:].reshape(-1, 64))
-    key = ShardSet.open(layer_dir(cfg.out, "mlp_key", 2)).read_all()
+    key = ShardSet.open(layer_folder(cfg.out, "mlp_key", 2)).read_all()
     assert torch.equal(key, keys["k"][:, 1:].reshape(-1, 128))
-    first = read_shard(layer_dir(cfg.out, "resid_post", 0) / shard_name(0))
+    first = read_shard(layer_folder(cfg.out, "resid_post", 0) / shard_name(0))
     assert np.array_equal(first["token_id"], windows.input_ids[:6, 1:].reshape(-1))
     assert np.array_equal(first["position"], np.tile(np.arange(1, 16), 6))
     assert np.array_equal(first["doc_id"], np.repeat(windows.doc_ids[:6], 15))
@@ -69,7 +70,7 @@ def test_shards_equal_a_direct_forward(extracted):
 def test_rerun_resumes_and_redoes_only_damaged_shards(tmp_path, ray_session):
     cfg = config(tmp_path, sites=["resid_post"], layers=[1])
     run_extraction(cfg, progress=False)
-    folder = layer_dir(cfg.out, "resid_post", 1)
+    folder = layer_folder(cfg.out, "resid_post", 1)
     before = ShardSet.open(folder).read_all()
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
     # A killed run: shard 1 never got its sidecar; shard 2 was damaged on disk.
@@ -94,7 +95,7 @@ def test_rerun_with_another_config_is_refused(extracted, ray_session):
 
 def test_second_moment_over_shards_with_ray(extracted):
     cfg, _ = extracted
-    folder = layer_dir(cfg.out, "resid_post", 2)
+    folder = layer_folder(cfg.out, "resid_post", 2)
     direct = SecondMoment(64).update(ShardSet.open(folder).read_all())
     assert torch.allclose(fit_second_moment(folder, progress=False).matrix(), direct.matrix(),
                           rtol=1e-10)

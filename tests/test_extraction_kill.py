@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from atoms.aip.data_plane import DataConfig
 from atoms.core.config import load_yaml
 from atoms.extract.extraction import build_windows
 from atoms.extract.models import load_model, transformer_layers
-from atoms.extract.shards import ShardSet, layer_dir
-from experiments.data_config import DataConfig
+from atoms.extract.shards import ShardSet, layer_folder
 
 CONFIG = """
 extract:
@@ -45,7 +45,7 @@ def test_killed_extraction_resumes(tmp_path):
     out = tmp_path / "acts"
     cfg = tmp_path / "kill.yaml"
     cfg.write_text(CONFIG.format(out=out))
-    folder = layer_dir(out, "resid_post", 3)
+    folder = layer_folder(out, "resid_post", 3)
     proc = start(cfg)
     deadline = time.time() + 120
     while len(list(folder.glob("shard-*.json"))) < 3:

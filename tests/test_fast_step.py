@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from atoms.core.errors import InputError
-from atoms.train.fast_step import FastThresholdStep
 from atoms.sae.model import SAEConfig, ThresholdSAE
+from atoms.train.fast_step import FastThresholdStep
 from atoms.train.loop import SAEObjective, TrainConfig, Trainer
 
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from atoms.aip.metric import AIP
-from atoms.extract.ray_extract import fit_second_moment, run_extraction
+from atoms.aip.ray_moment import fit_second_moment
+from atoms.aip.shift import representation_shift
 from atoms.extract.extraction import ExtractConfig, build_windows
 from atoms.extract.models import load_model, transformer_layers
-from atoms.extract.shards import ShardSet, layer_dir
-from atoms.aip.shift import representation_shift
+from atoms.extract.ray_extract import run_extraction
+from atoms.extract.shards import ShardSet, layer_folder
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +32,15 @@ def test_shards_round_trip_bit_exactly(smollm2_run):
     with torch.no_grad():
         hidden = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
     handle.remove()
-    resid = ShardSet.open(layer_dir(cfg.out, "resid_post", 5)).read_all()
-    key = ShardSet.open(layer_dir(cfg.out, "mlp_key", 5)).read_all()
+    resid = ShardSet.open(layer_folder(cfg.out, "resid_post", 5)).read_all()
+    key = ShardSet.open(layer_folder(cfg.out, "mlp_key", 5)).read_all()
     n = 16 * 63  # the first 16 windows, BOS dropped
     assert torch.equal(resid[:n], hidden[6][:, 1:].reshape(-1, 576))
     assert torch.equal(key[:n], keys[0][:, 1:].reshape(-1, 1536))
 
 
 def test_aip_angles_centre_on_90_degrees_and_euclidean_ones_do_not(smollm2_run):
-    folder = layer_dir(smollm2_run.out, "resid_post", 5)
+    folder = layer_folder(smollm2_run.out, "resid_post", 5)
     aip = AIP.from_moment(fit_second_moment(folder, progress=False))
     x = ShardSet.open(folder).read_all()
     sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:400]]

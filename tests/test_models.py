@@ -3,8 +3,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from atoms.extract import models
 from atoms.core.errors import InputError
+from atoms.extract import models
 from atoms.extract.models import (
     BUILTIN_MODELS,
     ModelNotAvailable,

@@ -15,10 +15,10 @@ from analysis.monosemanticity import (
     top_contexts,
 )
 from atoms.core.errors import InputError
+from atoms.evaluate.units import UnitSet
+from atoms.extract.shards import Manifest, write_manifest, write_shard
 from atoms.sae.model import SAEConfig, build_sae
 from atoms.sae.saelens import save_sae
-from atoms.extract.shards import Manifest, write_manifest, write_shard
-from atoms.evaluate.units import UnitSet
 
 D, DOCS, LEN, VOCAB, PLANT = 8, 20, 16, 20, 7
 WORDS = [f" w{i}" for i in range(VOCAB)]

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from analysis import plots
+from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
 from atoms.sae.model import ThresholdSAE
 from atoms.sae.saelens import save_sae
-from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
 
 GRID = pd.DataFrame([[0.5, 0.9], [0.5, 0.5]], index=[1000.0, 4000.0], columns=[1.0, 2.0])
 

@@ -4,8 +4,8 @@ import torch
 
 from atoms.core.errors import InputError
 from atoms.evaluate.recovery import basis_pursuit, l1_recovery_agreement, omp, support_agreement
-from atoms.sae.model import ThresholdSAE
 from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
+from atoms.sae.model import ThresholdSAE
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from atoms.core.config import from_dict
-from atoms.study.config import StudyConfig, cells
+from atoms.study.config import StudyConfig
+from atoms.study.plan import cells
 from tests.browser import render
 
 pytestmark = pytest.mark.slow

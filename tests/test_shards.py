@@ -16,7 +16,7 @@ from atoms.extract.shards import (
     Manifest,
     ShardSet,
     finished_shards,
-    layer_dir,
+    layer_folder,
     load_manifest,
     read_shard,
     shard_name,
@@ -43,7 +43,7 @@ def special_rows(dtype):
 
 def make_folder(root, sizes=(5, 7, 3), d=6, dtype="float32", **manifest_fields):
     """A finished folder of shards with the given row counts; returns (folder, arrays)."""
-    folder = layer_dir(root, "resid_post", 3)
+    folder = layer_folder(root, "resid_post", 3)
     arrays, infos, start = [], [], 0
     for i, rows in enumerate(sizes):
         a = np.random.default_rng(i).standard_normal((rows, d)).astype(dtype)
@@ -73,11 +73,11 @@ def one_line_error(match, fn, *args, **kwargs):
 
 
 def test_layer_dir_and_shard_name(tmp_path):
-    assert layer_dir(tmp_path, "mlp_key", 7) == tmp_path / "mlp_key" / "layer_7"
+    assert layer_folder(tmp_path, "mlp_key", 7) == tmp_path / "mlp_key" / "layer_7"
     assert shard_name(7) == "shard-00007.parquet"
     assert shard_name(123456) == "shard-123456.parquet"
     with pytest.raises(InputError, match="site"):
-        layer_dir(tmp_path, "attn", 0)
+        layer_folder(tmp_path, "attn", 0)
     with pytest.raises(InputError, match="index"):
         shard_name(-1)
 
@@ -304,7 +304,7 @@ def test_iter_batches_across_record_batches(tmp_path, monkeypatch):
 
 
 def test_open_missing_manifest(tmp_path):
-    folder = layer_dir(tmp_path, "mlp_out", 0)
+    folder = layer_folder(tmp_path, "mlp_out", 0)
     write_shard(folder, 0, np.ones((2, 2), np.float32), **ids(2))
     msg = one_line_error("not found", ShardSet.open, folder)
     assert msg.startswith(f"{folder / 'manifest.json'}:")

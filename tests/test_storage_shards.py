@@ -8,16 +8,16 @@ import dataclasses
 import pytest
 import torch
 
+from atoms.aip.fit import AIPFitConfig, fit_layer_aip
 from atoms.aip.metric import load_aip
-from atoms.extract.ray_extract import fit_second_moment, run_extraction
+from atoms.aip.ray_moment import fit_second_moment
 from atoms.core.errors import ConfigError, InputError
-from atoms.extract.extraction import ExtractConfig, claim_output, pending_shards
 from atoms.core.io import file_sha256
-from atoms.extract.shard_store import layer_folders_of, layer_rel, local_layer, pull_shard
-from atoms.extract.shards import ShardSet, layer_dir, load_manifest, shard_name
+from atoms.extract.extraction import ExtractConfig, claim_output, pending_shards
+from atoms.extract.ray_extract import run_extraction
+from atoms.extract.shard_store import layer_folders, layer_rel, local_layer, pull_shard
+from atoms.extract.shards import ShardSet, layer_folder, load_manifest, shard_name
 from atoms.store.storage import Storage, mirror_path
-from experiments.data_config import AIPFitConfig
-from experiments.fit_aip import fit_layer_aip
 from tests.s3server import SECRET
 
 LAYERS = [(site, layer) for site in ("resid_post", "mlp_key") for layer in (0, 2)]
@@ -54,7 +54,7 @@ def test_stored_folder_holds_shards_sidecars_and_manifests(runs):
     } | {f"{layer_rel(s, layer)}/manifest.json" for s, layer in LAYERS}
     assert files == expected
     assert pending_shards(remote, 4) == []
-    assert [str(f) for f in layer_folders_of(remote.out)] == [
+    assert [str(f) for f in layer_folders(remote.out)] == [
         store.uri_of(layer_rel(s, layer)) for s, layer in sorted(LAYERS)]
 
 
@@ -64,18 +64,18 @@ def test_local_layer_verifies_and_equals_a_local_extraction(runs, storage_cache)
         folder = local_layer(Storage(remote.out).uri_of(layer_rel(site, layer)))
         assert folder.is_relative_to(storage_cache)  # a fresh mirror: everything pulled
         pulled = ShardSet.open(folder, verify=True)
-        here = ShardSet.open(layer_dir(local.out, site, layer), verify=True)
+        here = ShardSet.open(layer_folder(local.out, site, layer), verify=True)
         assert pulled.manifest.shards == here.manifest.shards  # same bytes (sha256) per shard
         assert (pulled.d, pulled.rows) == (here.d, here.rows)
         assert torch.equal(pulled.read_all(), here.read_all())
-    plain = layer_dir(local.out, "resid_post", 0)
+    plain = layer_folder(local.out, "resid_post", 0)
     assert local_layer(plain) == plain and local_layer(str(plain)) == plain
 
 
 def test_second_moment_and_aip_over_a_uri_equal_local(runs, storage_cache):
     remote, local, _ = runs
     uri = Storage(remote.out).uri_of(layer_rel("resid_post", 2))
-    here = fit_second_moment(layer_dir(local.out, "resid_post", 2), progress=False)
+    here = fit_second_moment(layer_folder(local.out, "resid_post", 2), progress=False)
     there = fit_second_moment(uri, progress=False)
     assert there.n == here.n == 20 * 15
     assert torch.allclose(there.matrix(), here.matrix(), rtol=1e-12, atol=0)
@@ -119,7 +119,7 @@ def test_rerun_skips_finished_and_redoes_exactly_the_unfinished(s3_server, ray_s
     cfg = config(s3_server.uri(), sites=["resid_post"], layers=[1])
     run_extraction(cfg, progress=False)
     store = Storage(cfg.out).child(layer_rel("resid_post", 1))
-    mirror = layer_dir(mirror_path(cfg.out), "resid_post", 1)  # where the actors wrote
+    mirror = layer_folder(mirror_path(cfg.out), "resid_post", 1)  # where the actors wrote
     stamps = {p.name: p.stat().st_mtime_ns for p in mirror.glob("shard-*.parquet")}
 
     def shard_files() -> dict[str, int]:
@@ -132,7 +132,7 @@ def test_rerun_skips_finished_and_redoes_exactly_the_unfinished(s3_server, ray_s
     import atoms.extract.ray_extract
 
     seen = []
-    spy = atoms.distributed.pending_shards
+    spy = atoms.extract.ray_extract.pending_shards
     monkeypatch.setattr(atoms.extract.ray_extract, "pending_shards",
                         lambda *a: seen.append(spy(*a)) or seen[-1])
     run_extraction(cfg, progress=False)  # nothing to do
@@ -170,7 +170,7 @@ extract:
 def test_cli_refuses_an_unwritable_out_in_one_line(where, tmp_path, s3_server, monkeypatch,
                                                    capsys):
     import experiments.extract
-    from experiments.common import run
+    from atoms.core.cli import run
 
     def no_work(*a, **k):
         raise AssertionError("work started although out is not writable")

@@ -9,9 +9,10 @@ import torch
 from atoms.core.errors import InputError, TrainingDiverged
 from atoms.sae.saelens import load_sae
 from atoms.store.storage import CACHE_ENV, Storage, pull
-from atoms.train.run import finished_metrics, train_local
 from atoms.train.loop import Trainer
+from atoms.train.run import finished_metrics, train_local
 from tests.checks import crash_once_at
+from tests.faults import NaNAt
 from tests.shardsets import synthetic_shard_set
 from tests.test_train_run import job as full_job
 
@@ -110,10 +111,10 @@ def test_a_remote_data_folder_trains_like_the_local_one(shard_set, reference, s3
 def test_divergence_is_recorded_in_the_store(shard_set, s3_server, storage_cache):
     uri = s3_server.uri()
     bad = job(shard_set, uri, train={"log_every": 5},
-              run={"checkpoint_every": 5, "fault": "nan", "fault_step": 24})
+              run={"checkpoint_every": 5})
     with pytest.raises(TrainingDiverged, match=r"last good checkpoint: s3://atoms:\*\*\*@"
                                                r".*checkpoints/step_0000020") as info:
-        train_local(bad, progress=False)
+        train_local(bad, progress=False, hooks=[NaNAt(24)])
     record = Storage(uri).read_json("diverged.json")
     assert record["step"] == 24 == info.value.step and "atoms-secret" not in record["message"]
     assert sorted(stored_checkpoints(uri)) == ["step_0000015", "step_0000020"]
@@ -124,7 +125,7 @@ def test_the_train_command_checks_out_before_any_work(shard_set, s3_server, stor
                                                       tmp_path, capsys):
     import yaml
 
-    from experiments.common import run
+    from atoms.core.cli import run
     from experiments.train import main
 
     spec = {"run": {"data": str(shard_set), "checkpoint_every": 20, "eval_rows": 1024},
@@ -152,16 +153,17 @@ def test_ray_train_persists_checkpoints_in_the_store(shard_set, s3_server, stora
 
     data, uri = s3_server.uri(), s3_server.uri()
     Storage(data).put_tree(shard_set)
-    ray_run = {"executor": "ray", "workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1}
-    m = train_ray(job(data, uri, run=ray_run), progress=False)
+    ray_run = {"executor": "ray", "torch_threads": 1}
+    workers = {"workers": 2, "cpus_per_worker": 0.5}
+    m = train_ray(job(data, uri, run=ray_run, ray=workers), progress=False)
     store = Storage(uri)
     markers = store.files(RAY_FOLDER, "checkpoint.json", recursive=True)
     assert len(markers) == 2 and all("/checkpoint_" in k for k in markers)
     assert m["timings"]["executor"] == "ray" and "fit_seconds" in m["timings"]
     assert finished_metrics(uri) == m and m["sae_path"] == store.uri_of("sae")
     assert load_sae(pull(m["sae_path"])).cfg.d_sae == 64
-    assert train_ray(job(data, uri, run=ray_run), progress=False) == m
+    assert train_ray(job(data, uri, run=ray_run, ray=workers), progress=False) == m
     # Unfinished again: the stored checkpoint of another width is refused before Ray starts.
     store.delete("metrics.json")
     with pytest.raises(InputError, match="d_sae"):
-        train_ray(job(data, uri, run=ray_run, sae={"d_sae": 96}), progress=False)
+        train_ray(job(data, uri, run=ray_run, ray=workers, sae={"d_sae": 96}), progress=False)

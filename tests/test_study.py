@@ -11,16 +11,19 @@ import yaml
 
 from analysis.summary import best_per_cell, r2_grid, summarise, transitions
 from atoms.aip.metric import AIP, SecondMoment, save_aip
-from atoms.train.batches import read_rows
+from atoms.core.cli import run
 from atoms.core.config import from_dict
 from atoms.core.errors import ConfigError
-from atoms.store.results import ResultStore
 from atoms.extract.shards import ShardSet
-from atoms.study.config import StudyConfig, cells
+from atoms.store.results import ResultStore
+from atoms.study.config import StudyConfig
+from atoms.study.plan import cells, pending_trials, planned_split
 from atoms.study.ray_sweep import make_searcher
+from atoms.study.setup import context
 from atoms.study.trial import execute_trial
+from atoms.train.batches import read_rows
 from experiments import scaling
-from experiments.common import run
+from tests.faults import NaNAt
 from tests.shardsets import synthetic_shard_set
 
 TINY = Path("experiments/configs/scaling/tiny-random.yaml")
@@ -31,12 +34,12 @@ def study_dict(folder: Path, out: Path, **over) -> dict:
         "name": "t", "out": str(out),
         "data": {"shards": str(folder), "holdout_shards": 1, "validation_rows": 512,
                  "test_rows": 512},
-        "grid": {"d_sae": [1, 2], "train_rows": [1024, 4096], "seeds": [0]},
-        "sparsity": {"search": "grid", "values": [1e-3]},
+        "grid": {"d_sae_over_h": [1, 2], "train_rows": [1024, 4096], "seeds": [0]},
+        "sparsity": {"search": "grid", "sparsity_coeff": [1e-3]},
         "sae": {"bandwidth": 0.05, "init_threshold": 0.05},
         "train": {"steps": 20, "batch_size": 256, "lr_warmup_steps": 2,
                   "sparsity_warmup_steps": 5},
-        "baselines": {"relu_l1": [1e-3]},
+        "baselines": {"relu_sparsity_coeff": [1e-3]},
         "eval": {"sparsity_rows": 512, "local_rows": 64, "recovery_rows": 2, "random_k": 3},
         "execution": {"cpus_per_trial": 1},
         "checkpoint_every": 10,
@@ -109,19 +112,19 @@ def test_too_much_data_for_a_pending_extraction_fails_before_extracting(tmp_path
 def test_planned_split_of_the_tiny_config():
     cfg = from_dict(StudyConfig, yaml.safe_load(TINY.read_text()))
     # 80 windows of 16 tokens, 15 rows each (BOS dropped), 10 windows per shard, 3 held out
-    assert scaling.planned_split(cfg) == (50 * 15, 30 * 15)
+    assert planned_split(cfg) == (50 * 15, 30 * 15)
 
 
 # -- the plan --------------------------------------------------------------------------------
 def test_cells_cover_the_grid_with_unique_keys():
-    cfg = from_dict(StudyConfig, {"grid": {"d_sae": [0.5, 1, 2], "train_rows": [100, 200],
+    cfg = from_dict(StudyConfig, {"grid": {"d_sae_over_h": [0.5, 1, 2], "train_rows": [100, 200],
                                            "seeds": [0, 1]},
                                   "sparsity": {"search": "optuna", "samples": 3}})
     plan = cells(cfg, h=64)
     trials = [t for ts in plan.values() for t in ts]
     assert len({t.key for t in trials}) == len(trials)
     tsae = [t for t in trials if t.family == "tsae"]
-    assert len(tsae) == 3 * 2 * 2 * 3 and all(t.coeff is None for t in tsae)
+    assert len(tsae) == 3 * 2 * 2 * 3 and all(t.sparsity_coeff is None for t in tsae)
     assert {t.d_sae for t in tsae} == {32, 64, 128}
     relu = [t for t in trials if t.family == "relu"]
     assert {t.train_rows for t in relu} == {200} and len(relu) == 3 * 2
@@ -129,17 +132,17 @@ def test_cells_cover_the_grid_with_unique_keys():
     assert sum(t.family == "neurons" for t in trials) == 1
     cfg.baselines.relu_search = "optuna"
     relu = [t for ts in cells(cfg, h=64).values() for t in ts if t.family == "relu"]
-    assert len(relu) == 3 * 2 * 3 and all(t.coeff is None for t in relu)
+    assert len(relu) == 3 * 2 * 3 and all(t.sparsity_coeff is None for t in relu)
 
 
 def test_searcher_hands_out_every_trial_once_then_finishes():
     from ray.tune.search import Searcher
 
-    cfg = from_dict(StudyConfig, {"grid": {"d_sae": [1, 2], "train_rows": [100, 400]},
-                                  "sparsity": {"search": "optuna", "samples": 3, "low": 1e-4,
-                                               "high": 1e-2},
-                                  "baselines": {"relu_search": "optuna", "relu_low": 0.05,
-                                                "relu_high": 0.5}})
+    cfg = from_dict(StudyConfig, {"grid": {"d_sae_over_h": [1, 2], "train_rows": [100, 400]},
+                                  "sparsity": {"search": "optuna", "samples": 3,
+                                               "sparsity_coeff_range": [1e-4, 1e-2]},
+                                  "baselines": {"relu_search": "optuna",
+                                                "relu_sparsity_coeff_range": [0.05, 0.5]}})
     plan = cells(cfg, h=8)
     done = {"tsae-D8-M100-s0": [(5e-3, 0.4)]}
     pending = {c: ts[1:] if c in done else ts for c, ts in plan.items()}
@@ -153,11 +156,11 @@ def test_searcher_hands_out_every_trial_once_then_finishes():
         keys.append(trial["key"])
         first = first or trial["key"]
         if trial["family"] == "tsae":
-            assert 1e-4 <= trial["coeff"] <= 1e-2
+            assert 1e-4 <= trial["sparsity_coeff"] <= 1e-2
         if trial["family"] == "relu":
-            assert 0.05 <= trial["coeff"] <= 0.5
+            assert 0.05 <= trial["sparsity_coeff"] <= 0.5
         if trial["family"] in ("tsae", "relu"):
-            searcher.on_trial_complete(f"t{i}", {"objective": trial["coeff"]})
+            searcher.on_trial_complete(f"t{i}", {"objective": trial["sparsity_coeff"]})
     assert sorted(keys) == sorted(t.key for ts in pending.values() for t in ts)
     assert first.startswith("tsae-D16-M400")  # costliest cell first
 
@@ -166,7 +169,7 @@ def test_searcher_hands_out_every_trial_once_then_finishes():
 def context_for(tmp_path, shards, **over):
     cfg = from_dict(StudyConfig, study_dict(shards, tmp_path / "out", **over))
     cfg.out = str(Path(cfg.out).resolve())
-    return scaling.context(cfg, shards, shards / "aip.safetensors")
+    return context(cfg, shards, shards / "aip.safetensors")
 
 
 def test_trials_write_one_row_per_unit_set_and_resume(tmp_path, shards):
@@ -189,13 +192,13 @@ def test_trials_write_one_row_per_unit_set_and_resume(tmp_path, shards):
     execute_trial(ctx, atoms)
     assert (Path(row["checkpoint_path"]) / "cfg.json").stat().st_mtime_ns == mtime
     # the same key with another λ (an Optuna sample that came back different) starts afresh
-    other = dataclasses.replace(atoms, coeff=5e-3)
+    other = dataclasses.replace(atoms, sparsity_coeff=5e-3)
     execute_trial(ctx, other)
     assert (Path(row["checkpoint_path"]) / "cfg.json").stat().st_mtime_ns != mtime
     assert store.finished()[atoms.key]["sparsity_coeff"].iloc[0] == 5e-3
     for trial in (plan["neurons"][0], plan["random-D32-s0"][0]):
         execute_trial(ctx, trial)
-    pending, _, total = scaling.plan(ctx.cfg, ctx.h, store)
+    pending, _, total = pending_trials(ctx.cfg, ctx.h, store)
     assert total == sum(len(v) for v in plan.values())
     left = {t.key for ts in pending.values() for t in ts}
     assert atoms.key not in left and "neurons" not in left and len(left) == total - 3
@@ -228,9 +231,9 @@ def test_a_missing_pretrained_sae_fails_before_work(tmp_path, shards, capsys):
 def test_a_diverging_trial_leaves_a_diverged_row(tmp_path, shards, monkeypatch):
     import atoms.study.trial
 
-    real = atoms.trial.run_config
-    monkeypatch.setattr(atoms.study.trial, "run_config", lambda *a, **k: dataclasses.replace(
-        real(*a, **k), fault="nan", fault_step=5))  # a NaN in W_enc after step 5
+    real = atoms.study.trial.train_local
+    monkeypatch.setattr(atoms.study.trial, "train_local", lambda *a, **k: real(
+        *a, **k, hooks=[NaNAt(5)]))  # a NaN in W_enc after step 5
     ctx = context_for(tmp_path, shards)
     trial = cells(ctx.cfg, ctx.h)["tsae-D32-M1024-s0"][0]
     result = execute_trial(ctx, trial)
@@ -277,7 +280,7 @@ def test_every_shipped_study_config_loads_and_plans(path):
     cfg = from_dict(StudyConfig, yaml.safe_load(path.read_text()))
     plan = cells(cfg, h=576)
     assert sum(len(v) for v in plan.values()) >= 4
-    train, held = scaling.planned_split(cfg)
+    train, held = planned_split(cfg)
     assert max(cfg.grid.train_rows) <= train
     assert cfg.data.validation_rows + cfg.data.test_rows <= held
 

@@ -65,7 +65,7 @@ def test_study_on_an_object_store_resumes_from_the_store_alone(tmp_path, s3_serv
     path = write_config(
         tmp_path, out, acts,
         grid={"d_sae": [1], "train_rows": [256], "seeds": [0], "budget": "steps"},
-        sparsity={"search": "grid", "values": [1e-3]},
+        sparsity={"search": "grid", "sparsity_coeff": [1e-3]},
         baselines={"neurons": True, "random": False, "relu": False})
     first = study(path, tmp_path / "node-a")
     assert first.returncode == 0, first.stderr[-3000:]

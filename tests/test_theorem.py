@@ -7,8 +7,8 @@ import torch
 
 from atoms.evaluate.metrics import l0_per_row, theorem_interval, threshold_interval_check
 from atoms.evaluate.recovery import support_agreement
-from atoms.sae.model import ThresholdSAE
 from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
+from atoms.sae.model import ThresholdSAE
 
 
 def closed_form(eps, k, n_atoms=96, seed=0, threshold=None, n=3000):

@@ -5,19 +5,20 @@ import json
 import pytest
 import torch
 
-from atoms.train.checkpoint import find_checkpoints, load_checkpoint
 from atoms.core.errors import TrainingDiverged
 from atoms.sae.saelens import load_sae
+from atoms.train.checkpoint import find_checkpoints, load_checkpoint
 from atoms.train.ray_train import RAY_FOLDER, train_ray
-from atoms.train.run import FAULT_MARKER, train_local
+from atoms.train.run import train_local
+from tests.faults import FAULT_MARKER, KillOnce, NaNAt
 from tests.shardsets import synthetic_shard_set
 from tests.test_train_run import job
 
 pytestmark = pytest.mark.slow
 
 # Streamed by Ray Data (in_memory_gb 0): the path whose replay after a restart is hardest.
-RAY = {"executor": "ray", "workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1,
-       "shuffle_rows": 1024, "in_memory_gb": 0.0}
+RAY = {"executor": "ray", "torch_threads": 1, "shuffle_rows": 1024, "in_memory_gb": 0.0}
+WORKERS = {"workers": 2, "cpus_per_worker": 0.5}
 SHORT = {"steps": 100}
 
 
@@ -29,7 +30,7 @@ def shard_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(shard_set, tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("ray-run")
-    return out, train_ray(job(shard_set, out, run=RAY, train=SHORT), progress=False)
+    return out, train_ray(job(shard_set, out, run=RAY, ray=WORKERS, train=SHORT), progress=False)
 
 
 def weights(metrics) -> dict[str, torch.Tensor]:
@@ -52,8 +53,8 @@ def test_a_dying_worker_is_restarted_and_resumes_to_the_same_weights(uninterrupt
                                                                      tmp_path):
     _, reference = uninterrupted
     # Checkpoints every 40 steps; worker 1 dies once at step 57 → restart from step 40.
-    faulty = {**RAY, "fault": "kill", "fault_step": 57}
-    resumed = train_ray(job(shard_set, tmp_path, run=faulty, train=SHORT), progress=False)
+    resumed = train_ray(job(shard_set, tmp_path, run=RAY, ray=WORKERS, train=SHORT),
+                        progress=False, hooks=[KillOnce(57, tmp_path, exit_process=True)])
     assert (tmp_path / FAULT_MARKER).exists(), "the injected failure did not happen"
     assert resumed["resumed_from"] == [40] and reference["resumed_from"] == []
     a, b = weights(reference), weights(resumed)
@@ -71,11 +72,11 @@ def test_a_dying_worker_is_restarted_and_resumes_to_the_same_weights(uninterrupt
 
 def test_nan_in_a_ray_run_stops_with_the_step(shard_set, tmp_path):
     bad = job(shard_set, tmp_path, train={"log_every": 10},
-              run={**RAY, "checkpoint_every": 10, "fault": "nan", "fault_step": 24,
+              ray=WORKERS, run={**RAY, "checkpoint_every": 10,
                    "in_memory_gb": 4.0})  # each worker holds its files in memory
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 24 .*last good "
                                                r"checkpoint: .*checkpoint_") as info:
-        train_ray(bad, progress=False)
+        train_ray(bad, progress=False, hooks=[NaNAt(24)])
     assert info.value.step == 24
     assert json.loads((tmp_path / "diverged.json").read_text())["step"] == 24
     assert not (tmp_path / "metrics.json").exists()
@@ -86,7 +87,7 @@ def test_nan_in_a_ray_run_stops_with_the_step(shard_set, tmp_path):
 def test_workers_that_leave_no_cpu_for_ray_data_are_refused(shard_set, tmp_path, ray_session):
     from atoms.core.errors import ConfigError
 
-    hungry = {**RAY, "cpus_per_worker": 1.0}
+    hungry = {**WORKERS, "cpus_per_worker": 1.0}
     with pytest.raises(ConfigError, match="leave less than 1 of the cluster's 2 CPUs"):
-        train_ray(job(shard_set, tmp_path, run=hungry), progress=False)
+        train_ray(job(shard_set, tmp_path, run=RAY, ray=hungry), progress=False)
     assert not (tmp_path / RAY_FOLDER).exists()

@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 
-from atoms.train.batches import DataSplit, ShardBatches, epoch_files
-from atoms.train.checkpoint import find_checkpoints, load_checkpoint
 from atoms.core.config import from_dict
 from atoms.core.errors import ConfigError, InputError, TrainingDiverged
 from atoms.sae.saelens import load_sae
-from atoms.train.run import TrainJob, train_local
+from atoms.train.batches import DataSplit, ShardBatches, epoch_files
+from atoms.train.checkpoint import find_checkpoints, load_checkpoint
 from atoms.train.loop import Trainer
+from atoms.train.run import TrainJob, train_local
 from tests.checks import crash_once_at
+from tests.faults import NaNAt
 from tests.shardsets import synthetic_shard_set
 
 
@@ -28,6 +29,7 @@ def job(data, out, **changes):
         "sae": {"d_sae": 64, "bandwidth": 0.1, "init_threshold": 0.3, "bias": False},
         "train": {"steps": 160, "batch_size": 256, "lr": 0.004, "sparsity_coeff": 0.05,
                   "sparsity_warmup_steps": 0, "lr_warmup_steps": 10, "log_every": 20},
+        "ray": {},
     }
     for section, values in changes.items():
         spec[section] = {**spec[section], **values}
@@ -46,10 +48,10 @@ def test_a_run_reports_held_out_and_train_metrics(finished):
     assert m["eval_r2_euclid_centred"] > 0.7  # 160 steps: plumbing, not quality (test_training)
     assert abs(m["eval_r2_euclid_centred"] - m["train_r2_euclid_centred"]) < 0.05
     assert 1.0 <= m["eval_l0_mean"] <= 8.0
-    for key in ("eval_dead_fraction", "train_dead_fraction", "eval_theta_mean", "eval_theta_moved",
-                "eval_r2_aip_centred", "eval_r2_euclid_uncentred"):
+    for key in ("eval_dead_fraction", "train_dead_fraction", "eval_threshold_mean",
+                "eval_threshold_moved", "eval_r2_aip_centred", "eval_r2_euclid_uncentred"):
         assert key in m
-    assert m["eval_theta_moved"] > 0.0
+    assert m["eval_threshold_moved"] > 0.0
     assert [e["step"] for e in m["evals"]] == [80]
     assert m["history"][-1]["step"] == 159 and m["timings"]["steady_rows_per_s"] > 0
     assert json.loads((out / "metrics.json").read_text()) == m
@@ -111,10 +113,10 @@ def test_bad_jobs_fail_before_training(shard_set, tmp_path, changes, error, matc
 def test_nan_in_training_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         shard_set, tmp_path):
     bad = job(shard_set, tmp_path, train={"log_every": 5},
-              run={"checkpoint_every": 5, "fault": "nan", "fault_step": 24})
+              run={"checkpoint_every": 5})
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 24 .*last good "
                                                r"checkpoint: .*step_0000020") as info:
-        train_local(bad, progress=False)
+        train_local(bad, progress=False, hooks=[NaNAt(24)])
     assert info.value.step == 24
     record = json.loads((tmp_path / "diverged.json").read_text())
     assert record["step"] == 24 and not (tmp_path / "metrics.json").exists()
@@ -165,7 +167,7 @@ def test_shard_batches_are_deterministic_and_split_files_between_ranks(shard_set
 def test_the_train_command_prints_where_the_sae_is(shard_set, tmp_path, capsys):
     import yaml
 
-    from experiments.common import run
+    from atoms.core.cli import run
     from experiments.train import main
 
     spec = {"run": {"data": str(shard_set), "out": str(tmp_path / "unused"),

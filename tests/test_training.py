@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from atoms.core.errors import ConfigError, InputError, TrainingDiverged
-from atoms.sae.model import SAEConfig, ThresholdSAE
 from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set, match_atoms
+from atoms.sae.model import SAEConfig, ThresholdSAE
 from atoms.train.loop import TrainConfig, schedule, train_sae
 
 

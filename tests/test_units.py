@@ -7,10 +7,10 @@ import torch
 from safetensors.numpy import save_file as np_save
 
 from atoms.core.errors import InputError
+from atoms.evaluate.units import UnitSet, load_unit_set
 from atoms.sae.formats import export_sparsify
 from atoms.sae.model import SAEConfig, ThresholdSAE, TopKSAE
 from atoms.sae.saelens import save_sae
-from atoms.evaluate.units import UnitSet, load_unit_set
 
 D, N = 8, 20
 

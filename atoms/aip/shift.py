@@ -6,11 +6,40 @@ offset direction pulls the Euclidean angles below 90°; under the AIP they centr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from atoms.aip.metric import AIP
+from atoms.core.config import require
 from atoms.core.validation import as_rows, check_finite
+from atoms.extract.shards import ShardSet
+
+
+@dataclass
+class ShiftConfig:
+    sample: int = 512
+    """Activations per layer whose pairwise angles are measured."""
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.sample >= 3, "sample", "must be at least 3")
+
+
+def sample_rows(folder: Path, n: int, seed: int) -> torch.Tensor:
+    """``n`` rows drawn without replacement from the first shards holding at least 10·n rows."""
+    shards = ShardSet.open(folder)
+    parts, have = [], 0
+    for batch in shards.iter_batches(65536):
+        parts.append(batch)
+        have += len(batch)
+        if have >= 10 * n:
+            break
+    rows = torch.cat(parts)
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n]
+    return rows[pick]
 
 
 def pairwise_angles(x, aip: AIP | None = None) -> np.ndarray:

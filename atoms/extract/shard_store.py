@@ -26,26 +26,29 @@ from atoms.extract.shards import (
     Manifest,
     ShardInfo,
     finished_shards,
-    layer_dir,
-    layer_folders,
+    layer_folder,
+    layer_rel,
     load_manifest,
     manifest_from_dict,
     shard_name,
     shard_schema,
     write_manifest,
 )
-from atoms.store.storage import Storage, StorageError, is_remote, mirror_path, pull, pull_file, redact
+from atoms.store.storage import (
+    Storage,
+    StorageError,
+    is_remote,
+    mirror_path,
+    pull,
+    pull_file,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 
 _SIDECAR_RE = re.compile(r"shard-(\d{5,})\.json")
 _LAYER_RE = re.compile(r"([a-z_]+)/layer_(\d+)/" + re.escape(MANIFEST))
 _READERS = 16  # sidecars read at once from an object store
-
-
-def layer_rel(site: str, layer: int) -> str:
-    """``'<site>/layer_<layer>'``: a layer folder relative to the extraction's ``out``."""
-    return layer_dir(".", site, layer).as_posix()
 
 
 def layer_name(folder: str | os.PathLike) -> str:
@@ -105,21 +108,14 @@ def finished_layer_shards(out: str, site: str, layer: int) -> dict[int, ShardInf
     """Finished shards of one layer folder of ``out``: ``finished_shards`` when local (which
     deletes unfinished ones), ``stored_shards`` for a storage URI."""
     if not is_remote(out):
-        return finished_shards(layer_dir(out, site, layer))
+        return finished_shards(layer_folder(out, site, layer))
     return stored_shards(Storage(out).child(layer_rel(site, layer)))
-
-
-def layer_where(out: str, site: str, layer: int) -> str:
-    """One layer folder of ``out`` as named in messages (secrets redacted)."""
-    if not is_remote(out):
-        return str(layer_dir(out, site, layer))
-    return Storage(out).show(layer_rel(site, layer))
 
 
 def shard_width(out: str, site: str, layer: int, name: str) -> int:
     """d of the shard ``name`` in one layer folder of ``out``, from its (stored) footer."""
     if not is_remote(out):
-        return shard_schema(layer_dir(out, site, layer) / name)[0]
+        return shard_schema(layer_folder(out, site, layer) / name)[0]
     store = Storage(out).child(layer_rel(site, layer))
     try:
         return shard_schema(store.path(name), store.fs)[0]
@@ -133,8 +129,8 @@ def save_layer_manifest(out: str, site: str, layer: int, manifest: Manifest) -> 
     """Write the manifest of one layer folder of ``out``: its path when local; for a storage
     URI it goes to the node mirror and then to storage, and the stored URI is returned."""
     if not is_remote(out):
-        return write_manifest(layer_dir(out, site, layer), manifest)
-    local = write_manifest(layer_dir(mirror_path(out), site, layer), manifest)
+        return write_manifest(layer_folder(out, site, layer), manifest)
+    local = write_manifest(layer_folder(mirror_path(out), site, layer), manifest)
     return Storage(out).put_file(local, f"{layer_rel(site, layer)}/{MANIFEST}")
 
 
@@ -177,15 +173,12 @@ def pull_shard(uri: str, sha256: str) -> Path:
     return path
 
 
-def layer_folders_of(root: str | os.PathLike) -> list[Path | str]:
-    """``layer_folders`` of a local root; for a storage URI the stored layer folders with a
-    manifest (as URIs), ordered by site, layer."""
-    if not is_remote(root):
-        return list(layer_folders(local_layer(root)))
+def layer_folders(root: str | os.PathLike) -> list[Path | str]:
+    """Every ``<site>/layer_<l>`` folder under ``root`` (a path or a storage URI) that has a
+    manifest, ordered by site, layer: Paths under a local root, URIs under a stored one."""
     store = Storage(root)
     found = sorted((m.group(1), int(m.group(2))) for rel in store.files("", MANIFEST, True)
                    if (m := _LAYER_RE.fullmatch(rel)))
     if not found:
         raise InputError(f"{store.name}: no extracted layers (run experiments/extract.py first)")
-    return [store.uri_of(layer_rel(site, layer)) for site, layer in found]
-
+    return [layer_folder(root, site, layer) for site, layer in found]

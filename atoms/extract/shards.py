@@ -27,6 +27,7 @@ from atoms.core.config import from_dict, require
 from atoms.core.errors import ConfigError, InputError
 from atoms.core.io import atomic_path, file_sha256
 from atoms.core.io import code_version as current_code_version
+from atoms.store.storage import Storage, is_remote, local_path
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,22 @@ def _nonneg_int(value, name: str) -> int:
     return value
 
 
-def layer_dir(root, site: str, layer: int) -> Path:
-    """``<root>/<site>/layer_<layer>``."""
+def layer_rel(site: str, layer: int) -> str:
+    """``'<site>/layer_<layer>'``: a layer folder relative to the extraction's ``out``."""
     if site not in SITES:
         raise InputError(f"site: expected one of {list(SITES)}, got {site!r}")
-    return Path(root) / site / f"layer_{_nonneg_int(layer, 'layer')}"
+    return f"{site}/layer_{_nonneg_int(layer, 'layer')}"
+
+
+def layer_folder(root, site: str, layer: int) -> Path | str:
+    """``<root>/<site>/layer_<layer>``: a Path under a local root, a URI under a stored one."""
+    rel = layer_rel(site, layer)
+    return Storage(root).uri_of(rel) if is_remote(root) else local_path(root) / rel
+
+
+def is_shard_set(folder) -> bool:
+    """Whether the local ``folder`` holds a shard set (its manifest is there)."""
+    return (Path(folder) / MANIFEST).is_file()
 
 
 def shard_name(index: int) -> str:
@@ -479,13 +491,3 @@ class ShardSet:
                     buf, fill = torch.empty(batch_rows, self.d, dtype=dtype), 0
         if fill:
             yield buf[:fill]
-
-
-def layer_folders(root: str | Path) -> list[Path]:
-    """Every <site>/layer_<l> folder under ``root`` that has a manifest, ordered by site, layer."""
-    root = Path(root)
-    found = sorted(root.glob("*/layer_*/manifest.json"),
-                   key=lambda p: (p.parent.parent.name, int(p.parent.name.split("_")[1])))
-    if not found:
-        raise InputError(f"{root}: no extracted layers (run experiments/extract.py first)")
-    return [p.parent for p in found]

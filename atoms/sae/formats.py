@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from atoms.core.errors import ConfigError, InputError
+from atoms.core.io import CHECKSUMS, atomic_folder
 from atoms.sae.model import SAEConfig, SparseAutoencoder, ThresholdSAE, TopKSAE
 from atoms.sae.saelens import (
-    CHECKSUMS,
+    CFG,
+    WEIGHTS,
     assemble,
-    atomic_folder,
     field,
     load_sae,
     read_json,
@@ -239,3 +241,44 @@ def import_llama_scope(
     b_enc = c * b_E + (b_dec - s * v) @ w_enc
     cfg = _cfg(hp_path, d_in=d, d_sae=n, decoder_norm="euclidean")
     return assemble(cfg, w_enc, (D / dn).T, b_enc, b_dec, theta * c / m, s)
+
+
+def _detect(path: Path) -> str | None:
+    """The layout of ``path``: 'saelens', 'sparsify', 'llama_scope', 'gemma_scope' or None."""
+    if path.is_dir():
+        if (path / CFG).is_file() and (path / WEIGHTS).is_file():
+            return "saelens"
+        if (path / SPARSIFY_CFG).is_file() and (path / SPARSIFY_WEIGHTS).is_file():
+            return "sparsify"
+        if (path / LLAMA_HP).is_file():
+            return "llama_scope"
+        if (path / "params.npz").is_file() or (path / "params.safetensors").is_file():
+            return "gemma_scope"
+        return None
+    if path.is_file() and path.suffix == ".npz":
+        return "gemma_scope"
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys = {k.replace("w_", "W_", 1) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__})") \
+                from None
+        return "gemma_scope" if {"W_enc", "threshold"} <= keys else None
+    return None
+
+
+LOOKED_FOR = ("a folder with cfg.json + sae_weights.safetensors (ours/SAELens)",
+              "cfg.json + sae.safetensors (sparsify)", "hyperparams.json (Llama Scope)",
+              "params.npz or a .safetensors with W_enc and threshold (Gemma Scope)")
+
+
+def load_any_sae(path: str | Path) -> tuple[SparseAutoencoder, str]:
+    """Detect the SAE layout at ``path`` and load it; returns (sae, layout)."""
+    path = Path(path)
+    layout = _detect(path)
+    if layout is None:
+        raise InputError(f"{path}: no SAE found (looked for {'; '.join(LOOKED_FOR)})")
+    loader = {"saelens": load_sae, "sparsify": import_sparsify,
+              "llama_scope": import_llama_scope, "gemma_scope": import_gemma_scope}[layout]
+    return loader(path), layout

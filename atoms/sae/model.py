@@ -27,10 +27,10 @@ from atoms.core.validation import as_rows, check_finite
 
 @dataclass
 class SAEConfig:
-    d_in: int
-    """Width H of the activations."""
-    d_sae: int
-    """Number of latents |D| (dictionary size)."""
+    d_in: int | None = None
+    """Width H of the activations (unset: the shard set's, filled in by the training run)."""
+    d_sae: int | None = None
+    """Number of latents |D|, the dictionary size (unset: a study sets it from its grid)."""
     kind: Literal["threshold", "relu", "topk"] = "threshold"
     """'threshold' (JumpReLU TSAE), 'relu' (ReLU + L1, the 'features' baseline) or 'topk'."""
     sparsity_loss: Literal["l0", "tanh", "l1", "none"] = "l0"
@@ -47,13 +47,15 @@ class SAEConfig:
     """Learn b_enc and b_dec (the identifiability theorem has none)."""
     init_encoder: Literal["transpose", "aip"] = "transpose"
     """Encoder init W_enc = W_decᵀ, or W_enc = S̃ W_decᵀ (the theorem's form)."""
-    seed: int = 0
+    seed: int | None = None
+    """Initialisation seed (unset: the training run's seed; 0 outside a run)."""
     k: int = 0
     """TopK: latents kept per row (required ≥ 1 for kind='topk')."""
 
     def __post_init__(self):
-        require(self.d_in >= 1, "d_in", f"must be positive, got {self.d_in}")
-        require(self.d_sae >= 1, "d_sae", f"must be positive, got {self.d_sae}")
+        require(self.d_in is None or self.d_in >= 1, "d_in", f"must be positive, got {self.d_in}")
+        require(self.d_sae is None or self.d_sae >= 1, "d_sae",
+                f"must be positive, got {self.d_sae}")
         allowed = {"threshold": ("l0", "tanh"), "relu": ("l1",), "topk": ("none",)}[self.kind]
         if self.kind != "threshold" and self.sparsity_loss == "l0":
             self.sparsity_loss = allowed[0]
@@ -65,7 +67,7 @@ class SAEConfig:
         require(self.bandwidth > 0, "bandwidth", f"must be positive, got {self.bandwidth}")
         require(self.init_threshold >= 0, "init_threshold", "must be non-negative")
         require(self.tanh_scale > 0, "tanh_scale", "must be positive")
-        if self.kind == "topk":
+        if self.kind == "topk" and self.d_sae is not None:
             bound = f"must be in [1, d_sae={self.d_sae}], got {self.k}"
             require(1 <= self.k <= self.d_sae, "k", bound)
 
@@ -134,13 +136,21 @@ class JumpReLUWithL0(torch.autograd.Function):
         return grad_pre, grad_theta, None
 
 
+def input_scale(sample: torch.Tensor) -> float:
+    """s = 1 / √E‖x‖² over the rows of ``sample`` (1 for an all-zero sample)."""
+    mean_sq = float(sample.double().pow(2).sum(1).mean())
+    return 1.0 / math.sqrt(mean_sq) if mean_sq > 0 else 1.0
+
+
 class SparseAutoencoder(nn.Module, abc.ABC):
     """Shared interface: encode (codes + pre-activations), decode, forward, loss terms."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
+        require(cfg.d_in is not None, "sae.d_in", "is not set")
+        require(cfg.d_sae is not None, "sae.d_sae", "is not set")
         self.cfg = cfg
-        g = torch.Generator().manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed or 0)
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
@@ -154,10 +164,9 @@ class SparseAutoencoder(nn.Module, abc.ABC):
     @torch.no_grad()
     def fit_input_scale(self, sample: torch.Tensor) -> float:
         """Set s so that E‖s·x‖² = 1 on ``sample``; returns s."""
-        x = as_rows(sample, "sample", d=self.cfg.d_in).float()
+        x = as_rows(sample, "sample", d=self.cfg.d_in)
         check_finite(x, "sample")
-        mean_sq = float(x.pow(2).sum(1).mean())
-        s = 1.0 / math.sqrt(mean_sq) if mean_sq > 0 else 1.0
+        s = input_scale(x)
         self.input_scale.fill_(s)
         return s
 

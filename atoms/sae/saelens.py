@@ -14,11 +14,7 @@ the saved weights so that they work on raw inputs with SAELens's forward pass
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,54 +24,15 @@ from safetensors.torch import load_file, save_file
 
 from atoms.core.config import from_dict, to_dict
 from atoms.core.errors import AtomsError, InputError
-from atoms.core.io import code_version, file_sha256
+from atoms.core.io import CHECKSUMS, atomic_folder, code_version, file_sha256
 from atoms.sae.model import SAEConfig, SparseAutoencoder, build_sae
 
-CFG, WEIGHTS, METRIC, CHECKSUMS = (
-    "cfg.json", "sae_weights.safetensors", "atoms_metric.safetensors", "checksums.json")
+CFG, WEIGHTS, METRIC = "cfg.json", "sae_weights.safetensors", "atoms_metric.safetensors"
 # SAELens registry names (sae_lens/saes/{jumprelu,standard,topk}_sae.py: architecture()).
 ARCHITECTURE = {"threshold": "jumprelu", "relu": "standard", "topk": "topk"}
 KIND = {v: k for k, v in ARCHITECTURE.items()}
 # Fields that define the architecture: a resumed run must agree on all of them.
 ARCH_FIELDS = ("kind", "d_in", "d_sae", "sparsity_loss", "bias", "decoder_norm", "k")
-
-
-# -- atomic folders -------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: str | Path):
-    """Yield a temp sibling folder; on success write checksums.json and rename it onto ``folder``.
-
-    An existing ``folder`` is moved aside only once the new one is complete, then deleted, so
-    the final name never holds a half-written folder.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        yield tmp
-        sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1) + "\n")
-        for p in tmp.iterdir():
-            _fsync(p)
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=tmp.parent))
-            os.replace(folder, old / folder.name)
-        os.replace(tmp, folder)
-        _fsync(folder.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def verify_checksums(folder: Path) -> None:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from atoms.core.errors import AtomsError, InputError
-from atoms.core.io import atomic_path
+from atoms.core.io import atomic_path, cache_root
 
 CHUNK = 8 * 2**20
 TRANSFERS = int(os.environ.get("ATOMS_STORAGE_TRANSFERS", 8))
@@ -307,10 +307,10 @@ def _write_local(path: Path, fill) -> None:
 # ---------------------------------------------------------------------- node-local mirror
 
 
-def cache_root() -> Path:
+def mirror_root() -> Path:
     """Where remote folders are mirrored on this node: ``$ATOMS_STORAGE_CACHE`` or
-    ``~/.cache/atoms/storage``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "atoms" / "storage")
+    ``<cache_root>/storage`` (``~/.cache/atoms/storage``)."""
+    return Path(os.environ.get(CACHE_ENV) or cache_root() / "storage")
 
 
 def mirror_path(uri: str | os.PathLike) -> Path:
@@ -320,7 +320,7 @@ def mirror_path(uri: str | os.PathLike) -> Path:
         return local_path(uri)
     parts = urlsplit(str(uri))
     host = parts.netloc.rpartition("@")[2] or "_"
-    return cache_root() / parts.scheme / host / parts.path.strip("/")
+    return mirror_root() / parts.scheme / host / parts.path.strip("/")
 
 
 def pull(uri: str | os.PathLike, pattern: str = "*", recursive: bool = True) -> Path:

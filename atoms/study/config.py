@@ -1,22 +1,23 @@
-"""The scaling study's config and its trials: |D| × |M| × seed cells, each with sparsity samples.
+"""The scaling study's config: one YAML, validated when it loads, every field typed.
 
-A *cell* fixes (family, |D|, |M|, seed); its *samples* differ only in the sparsity coefficient λ,
-gridded or proposed by Optuna. Every trial has a key that names its row file, so a rerun of the
-same study knows exactly which trials are finished.
+A study covers one (model, site, layer): its data (``data``), the grid |D| × |M| × seed
+(``grid``), how the sparsity coefficient is chosen per cell (``sparsity``), the SAE and the
+schedule shared by every trained cell (``sae``, ``train``), the baselines, the evaluation sample
+sizes and the execution. Quantities keep one name from YAML to result column:
+``sparsity_coeff`` (λ), ``d_sae`` (a latent count) and ``d_sae_over_h`` (a multiple of H).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from atoms.core.config import require
 from atoms.core.errors import ConfigError
+from atoms.evaluate.evaluator import UnitEvalConfig
 from atoms.extract.extraction import ExtractConfig
-from atoms.train.run import RunConfig
+from atoms.sae.model import SAEConfig
 from atoms.train.loop import TrainConfig
-from atoms.evaluate.unit_eval import UnitEvalConfig
 
 FAMILIES = ("tsae", "relu", "neurons", "random", "pretrained")
 UNIT_SET = {"tsae": ("atoms", "atoms"), "relu": ("relu_features", "features"),
@@ -40,18 +41,19 @@ class StudyData:
     """Eigenvalue floor (relative to λ_max) when fitting S̃ for the study."""
 
     def __post_init__(self):
-        require(len(self.extract.sites) == 1 and len(self.extract.layers) == 1, "data.extract",
+        require(len(self.extract.sites) == 1 and len(self.extract.layers) == 1, "extract",
                 "a study covers one site and one layer (list exactly one of each)")
-        require(self.holdout_shards >= 1, "data.holdout_shards", "must be at least 1")
-        require(self.validation_rows >= 1, "data.validation_rows", "must be positive")
-        require(self.test_rows >= 1, "data.test_rows", "must be positive")
+        require(self.holdout_shards >= 1, "holdout_shards", "must be at least 1")
+        require(self.validation_rows >= 1, "validation_rows", "must be positive")
+        require(self.test_rows >= 1, "test_rows", "must be positive")
 
 
 @dataclass
 class Grid:
-    d_sae: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
-    """Dictionary sizes |D|: multiples of H (``d_sae_unit: H``) or latent counts."""
-    d_sae_unit: Literal["H", "latents"] = "H"
+    d_sae_over_h: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    """Dictionary sizes |D| as multiples of H (used unless ``d_sae`` is given)."""
+    d_sae: list[int] = field(default_factory=list)
+    """Dictionary sizes |D| as latent counts (instead of ``d_sae_over_h``)."""
     train_rows: list[int] = field(default_factory=lambda: [4096, 16384, 65536])
     """Data scales |M|: training rows, the first this-many of the training shards."""
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -62,31 +64,44 @@ class Grid:
     """Cap on steps when ``budget: epochs``."""
 
     def __post_init__(self):
-        for name in ("d_sae", "train_rows", "seeds"):
-            require(len(getattr(self, name)) > 0, f"grid.{name}", "is empty: list at least one")
-        require(all(v > 0 for v in self.d_sae), "grid.d_sae", "every size must be positive")
-        require(all(m >= 1 for m in self.train_rows), "grid.train_rows", "must be positive")
-        require(self.epochs > 0, "grid.epochs", "must be positive")
-        require(self.max_steps >= 1, "grid.max_steps", "must be positive")
+        sizes = "d_sae" if self.d_sae else "d_sae_over_h"
+        for name in (sizes, "train_rows", "seeds"):
+            require(len(getattr(self, name)) > 0, name, "is empty: list at least one")
+        require(all(v > 0 for v in self.d_sae_over_h), "d_sae_over_h",
+                "every size must be positive")
+        require(all(n >= 1 for n in self.d_sae), "d_sae", "every latent count must be ≥ 1")
+        require(all(m >= 1 for m in self.train_rows), "train_rows", "must be positive")
+        require(self.epochs > 0, "epochs", "must be positive")
+        require(self.max_steps >= 1, "max_steps", "must be positive")
 
     def latents(self, h: int) -> list[int]:
-        return sorted({latent_count(v, self.d_sae_unit, h) for v in self.d_sae})
+        """|D| as latent counts for activations of width ``h``."""
+        if self.d_sae:
+            return sorted(set(self.d_sae))
+        return sorted({latent_count(v, h) for v in self.d_sae_over_h})
 
 
-def latent_count(value: float, unit: str, h: int) -> int:
-    n = round(value * h) if unit == "H" else int(value)
-    if n < 1 or (unit == "latents" and value != int(value)):
-        raise ConfigError(f"grid.d_sae: {value} does not give a whole positive number of latents")
+def latent_count(d_sae_over_h: float, h: int) -> int:
+    n = round(d_sae_over_h * h)
+    if n < 1:
+        raise ConfigError(f"grid.d_sae_over_h: {d_sae_over_h}·H = {d_sae_over_h * h:g} "
+                          "is less than one latent")
     return n
+
+
+def _coeff_range(values: list[float], field: str) -> None:
+    require(len(values) == 2 and 0 < values[0] < values[1], field,
+            f"expected [low, high] with 0 < low < high, got {values}")
 
 
 @dataclass
 class Sparsity:
     search: Literal["grid", "optuna"] = "optuna"
-    values: list[float] = field(default_factory=lambda: [3e-4])
+    """How each cell's sparsity coefficient is chosen: every value of ``sparsity_coeff``, or
+    ``samples`` Optuna proposals in ``sparsity_coeff_range``."""
+    sparsity_coeff: list[float] = field(default_factory=lambda: [3e-4])
     """λ values when ``search: grid``."""
-    low: float = 1e-5
-    high: float = 1e-2
+    sparsity_coeff_range: list[float] = field(default_factory=lambda: [1e-5, 1e-2])
     """Optuna: λ log-uniform in [low, high]."""
     samples: int = 3
     """Optuna: λ samples per cell."""
@@ -96,15 +111,15 @@ class Sparsity:
 
     def __post_init__(self):
         if self.search == "grid":
-            require(len(self.values) > 0, "sparsity.values", "is empty: list at least one λ")
-            require(all(v >= 0 for v in self.values), "sparsity.values", "must be ≥ 0")
-        require(0 < self.low < self.high, "sparsity.low", "need 0 < low < high")
-        require(self.samples >= 1, "sparsity.samples", "must be at least 1")
-        require(self.target_l0 > 0, "sparsity.target_l0", "must be positive")
+            require(len(self.sparsity_coeff) > 0, "sparsity_coeff", "is empty: list at least one")
+            require(all(v >= 0 for v in self.sparsity_coeff), "sparsity_coeff", "must be ≥ 0")
+        _coeff_range(self.sparsity_coeff_range, "sparsity_coeff_range")
+        require(self.samples >= 1, "samples", "must be at least 1")
+        require(self.target_l0 > 0, "target_l0", "must be positive")
 
     @property
     def per_cell(self) -> int:
-        return len(self.values) if self.search == "grid" else self.samples
+        return len(self.sparsity_coeff) if self.search == "grid" else self.samples
 
 
 @dataclass
@@ -124,18 +139,19 @@ class Baselines:
     relu_train_rows: list[int] = field(default_factory=list)
     """|M| values for the ReLU SAEs (default: the largest of the grid)."""
     relu_search: Literal["grid", "optuna"] = "grid"
-    """ReLU λ: the ``relu_l1`` grid, or Optuna in [relu_low, relu_high] with the atoms'
-    objective and ``sparsity.samples`` samples per cell (features at comparable sparsity)."""
-    relu_l1: list[float] = field(default_factory=lambda: [3e-3])
-    """L1 coefficients of the ReLU SAEs when ``relu_search: grid``."""
-    relu_low: float = 1e-3
-    relu_high: float = 0.3
+    """The ReLU SAEs' sparsity coefficient (their L1 weight): every ``relu_sparsity_coeff``,
+    or Optuna in ``relu_sparsity_coeff_range`` with the atoms' objective and
+    ``sparsity.samples`` samples per cell (features at comparable sparsity)."""
+    relu_sparsity_coeff: list[float] = field(default_factory=lambda: [3e-3])
+    """The ReLU SAEs' λ values when ``relu_search: grid``."""
+    relu_sparsity_coeff_range: list[float] = field(default_factory=lambda: [1e-3, 0.3])
+    """Optuna: the ReLU SAEs' λ log-uniform in [low, high]."""
     pretrained: list[PretrainedSAE] = field(default_factory=list)
 
     def __post_init__(self):
-        require(not self.relu or self.relu_search == "optuna" or len(self.relu_l1) > 0,
-                "baselines.relu_l1", "is empty")
-        require(0 < self.relu_low < self.relu_high, "baselines.relu_low", "need 0 < low < high")
+        require(not self.relu or self.relu_search == "optuna" or len(self.relu_sparsity_coeff) > 0,
+                "relu_sparsity_coeff", "is empty")
+        _coeff_range(self.relu_sparsity_coeff_range, "relu_sparsity_coeff_range")
 
 
 @dataclass
@@ -152,9 +168,9 @@ class Execution:
     """Tune retries a failed trial this many times (it resumes from its checkpoint)."""
 
     def __post_init__(self):
-        require(self.cpus_per_trial > 0, "execution.cpus_per_trial", "must be positive")
-        require(self.max_concurrent >= 0, "execution.max_concurrent", "must be ≥ 0")
-        require(self.workers >= 1, "execution.workers", "must be at least 1")
+        require(self.cpus_per_trial > 0, "cpus_per_trial", "must be positive")
+        require(self.max_concurrent >= 0, "max_concurrent", "must be ≥ 0")
+        require(self.workers >= 1, "workers", "must be at least 1")
 
 
 @dataclass
@@ -164,10 +180,12 @@ class StudyConfig:
     data: StudyData = field(default_factory=StudyData)
     grid: Grid = field(default_factory=Grid)
     sparsity: Sparsity = field(default_factory=Sparsity)
-    sae: dict = field(default_factory=dict)
-    """SAEConfig fields shared by every trained SAE (bandwidth, decoder_norm, …)."""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    """The SAE shared by every trained cell (bandwidth, decoder_norm, …); the study sets
+    d_in, d_sae, kind and seed per trial."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Shared training settings; per trial the seed, λ and (for ``budget: epochs``) steps vary."""
+    """Shared training settings; per trial the seed, sparsity_coeff and (for
+    ``budget: epochs``) steps vary."""
     baselines: Baselines = field(default_factory=Baselines)
     eval: UnitEvalConfig = field(default_factory=UnitEvalConfig)
     execution: Execution = field(default_factory=Execution)
@@ -175,100 +193,9 @@ class StudyConfig:
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty word")
-        for bad in ("d_in", "d_sae", "kind", "seed"):
-            require(bad not in self.sae, f"sae.{bad}", "is set by the study, not the config")
+        sae = self.sae
+        for name, unset in (("d_in", sae.d_in is None), ("d_sae", sae.d_sae is None),
+                            ("kind", sae.kind == "threshold"), ("seed", sae.seed is None)):
+            require(unset, f"sae.{name}", "is set by the study, not the config")
 
 
-@dataclass(frozen=True)
-class Trial:
-    """One unit of work; ``key`` names its row file and its folder."""
-
-    key: str
-    cell: str
-    family: str
-    index: int = 0
-    d_sae: int = 0
-    train_rows: int = 0
-    seed: int = 0
-    coeff: float | None = None
-    """λ; None until Optuna proposes it."""
-    name: str = ""
-    path: str = ""
-
-
-def trial_steps(cfg: StudyConfig, train_rows: int) -> int:
-    """Steps of a cell: ``train.steps``, or ⌈epochs·|M| / batch⌉ capped at ``max_steps``."""
-    if cfg.grid.budget == "steps":
-        return cfg.train.steps
-    batch = min(cfg.train.batch_size, train_rows)
-    return min(cfg.grid.max_steps, max(1, math.ceil(cfg.grid.epochs * train_rows / batch)))
-
-
-def _lam(v: float) -> str:
-    return f"{v:.3g}".replace("+", "")
-
-
-def _samples(family: str, n: int, m: int, seed: int, search: str, values: list[float],
-             samples: int) -> dict[str, list[Trial]]:
-    """One trained cell: its gridded λ values, or ``samples`` Optuna samples (λ None)."""
-    cell = f"{family}-D{n}-M{m}-s{seed}"
-    if search == "grid":
-        return {cell: [Trial(f"{cell}-l{_lam(v)}", cell, family, i, n, m, seed, v)
-                       for i, v in enumerate(values)]}
-    return {cell: [Trial(f"{cell}-opt{i}", cell, family, i, n, m, seed)
-                   for i in range(samples)]}
-
-
-def search_of(cfg: StudyConfig, family: str) -> tuple[str, float, float]:
-    """(search, low, high) of λ for a trained family."""
-    if family == "relu":
-        b = cfg.baselines
-        return b.relu_search, b.relu_low, b.relu_high
-    return cfg.sparsity.search, cfg.sparsity.low, cfg.sparsity.high
-
-
-def cells(cfg: StudyConfig, h: int) -> dict[str, list[Trial]]:
-    """Every cell of the study with its trials (λ None for Optuna samples)."""
-    out: dict[str, list[Trial]] = {}
-    grid, sp, base = cfg.grid, cfg.sparsity, cfg.baselines
-    for seed in grid.seeds:
-        for n in grid.latents(h):
-            for m in grid.train_rows:
-                out.update(_samples("tsae", n, m, seed, sp.search, sp.values, sp.samples))
-            if base.relu:
-                for m in base.relu_train_rows or [max(grid.train_rows)]:
-                    out.update(_samples("relu", n, m, seed, base.relu_search, base.relu_l1,
-                                        sp.samples))
-            if base.random:
-                cell = f"random-D{n}-s{seed}"
-                out[cell] = [Trial(cell, cell, "random", 0, n, 0, seed)]
-    if base.neurons:
-        out["neurons"] = [Trial("neurons", "neurons", "neurons", 0, h)]
-    for p in base.pretrained:
-        cell = f"pretrained-{p.name}"
-        out[cell] = [Trial(cell, cell, "pretrained", name=p.name, path=p.path)]
-    return out
-
-
-def check_scale(cfg: StudyConfig, train_rows: int, holdout_rows: int, where: str) -> None:
-    """|M| and the held-out sizes against the rows available (before any training)."""
-    wanted = max([*cfg.grid.train_rows, *cfg.baselines.relu_train_rows])
-    if wanted > train_rows:
-        raise ConfigError(f"grid.train_rows: |M| = {wanted} but {where} has {train_rows} "
-                          "training rows")
-    need = cfg.data.validation_rows + cfg.data.test_rows
-    if need > holdout_rows:
-        raise ConfigError(f"data.validation_rows + data.test_rows: {need} held-out rows asked "
-                          f"for but {where} holds out {holdout_rows}")
-
-
-def run_config(cfg: StudyConfig, folder: str, trial_out: str, train_rows: int,
-               threads: int) -> RunConfig:
-    """The training run of one trial: |M| rows, final evaluation only."""
-    ex = cfg.execution
-    return RunConfig(
-        data=folder, out=trial_out, holdout_shards=cfg.data.holdout_shards,
-        eval_rows=cfg.data.validation_rows, eval_every=10**9,
-        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, aip="auto",
-        executor=ex.trial_executor, workers=ex.workers, use_gpu=ex.use_gpu,
-        train_rows=train_rows, torch_threads=threads)

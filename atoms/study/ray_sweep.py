@@ -15,7 +15,8 @@ import zlib
 from collections import deque
 
 from atoms.store.storage import Storage
-from atoms.study.config import StudyConfig, Trial, search_of
+from atoms.study.config import StudyConfig
+from atoms.study.plan import Trial, search_space
 from atoms.study.trial import StudyContext, execute_trial
 
 METRIC, MODE = "objective", "min"
@@ -34,9 +35,9 @@ def optuna_searcher(cell: str, low: float, high: float, samples: int,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=zlib.crc32(cell.encode()),
                                          n_startup_trials=max(1, samples // 3))
-    space = {"coeff": optuna.distributions.FloatDistribution(low, high, log=True)}
+    space = {"sparsity_coeff": optuna.distributions.FloatDistribution(low, high, log=True)}
     return OptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=sampler,
-                        points_to_evaluate=[{"coeff": c} for c, _ in done] or None,
+                        points_to_evaluate=[{"sparsity_coeff": c} for c, _ in done] or None,
                         evaluated_rewards=[r for _, r in done] or None)
 
 
@@ -68,13 +69,13 @@ def make_searcher(pending: dict[str, list[Trial]], cfg: StudyConfig,
             if cell is None:
                 return Searcher.FINISHED
             trial = self.queues[cell].popleft()
-            if trial.coeff is None:
+            if trial.sparsity_coeff is None:
                 if cell not in self.optuna:
-                    _, low, high = search_of(cfg, trial.family)
-                    self.optuna[cell] = optuna_searcher(cell, low, high, cfg.sparsity.samples,
-                                                        done.get(cell, []))
-                coeff = self.optuna[cell].suggest(trial_id)["coeff"]
-                trial = dataclasses.replace(trial, coeff=float(coeff))
+                    space = search_space(cfg, trial.family)
+                    self.optuna[cell] = optuna_searcher(cell, space.low, space.high,
+                                                        space.samples, done.get(cell, []))
+                coeff = self.optuna[cell].suggest(trial_id)["sparsity_coeff"]
+                trial = dataclasses.replace(trial, sparsity_coeff=float(coeff))
                 self.owner[trial_id] = cell
             return {"trial": dataclasses.asdict(trial)}
 

@@ -20,19 +20,22 @@ from datetime import UTC, datetime
 
 import torch
 
-from atoms.aip.metric import AIP, load_aip
-from atoms.train.batches import DataSplit, parquet_rows
+from atoms.aip.fit import load_aip_once
+from atoms.aip.metric import AIP
 from atoms.core.config import to_dict
 from atoms.core.errors import TrainingDiverged
-from atoms.evaluate.sae_eval import evaluate
-from atoms.store.results import ResultStore
-from atoms.sae.saelens import load_sae
+from atoms.evaluate.evaluator import evaluate_sae, evaluate_unit_set
+from atoms.evaluate.units import UnitSet
 from atoms.extract.shard_store import local_layer
+from atoms.sae.formats import load_any_sae
+from atoms.sae.saelens import load_sae
+from atoms.store.results import ResultStore
 from atoms.store.storage import Storage, fetch, mirror_path, redact
-from atoms.study.config import UNIT_SET, StudyConfig, Trial, run_config, search_of, trial_steps
-from atoms.train.run import TrainJob, finished_metrics, train_local, train_sample
-from atoms.evaluate.unit_eval import evaluate_unit_set
-from atoms.evaluate.units import UnitSet, load_any_sae
+from atoms.study.config import UNIT_SET, StudyConfig
+from atoms.study.plan import TRAINED, Trial, search_space, trial_steps
+from atoms.train.batches import DataSplit, fits_in_memory, parquet_rows
+from atoms.train.job import RayExecutorConfig, RunSettings, TrainJob
+from atoms.train.run import finished_metrics, train_local, train_sample
 
 SPEC = "trial.json"
 DIVERGED_OBJECTIVE = 1e3
@@ -62,7 +65,8 @@ class StudyContext:
         return Storage(self.out).uri_of(f"trials/{key}")
 
     def aip(self) -> AIP | None:
-        return load_aip(fetch(self.aip_path))[0] if self.aip_path else None
+        """S̃ of the study's layer, read once per process."""
+        return load_aip_once(self.aip_path)[0] if self.aip_path else None
 
 
 def objective(r2_centred: float, l0_mean: float, target_l0: float) -> float:
@@ -84,25 +88,35 @@ def _claim_folder(folder: str, spec: dict) -> None:
         store.write_json(SPEC, spec)
 
 
+def run_settings(ctx: StudyContext, trial: Trial) -> RunSettings:
+    """The training run of one trial: |M| rows, final evaluation only."""
+    cfg = ctx.cfg
+    return RunSettings(
+        data=ctx.folder, out=ctx.trial_out(trial.key), executor=cfg.execution.trial_executor,
+        holdout_shards=cfg.data.holdout_shards, eval_rows=cfg.data.validation_rows,
+        eval_every=10**9, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1,
+        aip="auto", train_rows=trial.train_rows, torch_threads=ctx.threads)
+
+
 def train_job(ctx: StudyContext, trial: Trial) -> TrainJob:
     cfg = ctx.cfg
     steps = trial_steps(cfg, trial.train_rows)
     train = dataclasses.replace(
-        cfg.train, seed=trial.seed, sparsity_coeff=float(trial.coeff), steps=steps,
+        cfg.train, seed=trial.seed, sparsity_coeff=float(trial.sparsity_coeff), steps=steps,
         batch_size=min(cfg.train.batch_size, trial.train_rows),
         lr_warmup_steps=min(cfg.train.lr_warmup_steps, steps // 4),
         sparsity_warmup_steps=min(cfg.train.sparsity_warmup_steps, steps // 2))
-    sae = {**cfg.sae, "d_sae": trial.d_sae, "kind": "threshold" if trial.family == "tsae"
-           else "relu"}
-    if trial.family == "relu":
-        sae.pop("sparsity_loss", None)
-    run = run_config(cfg, ctx.folder, ctx.trial_out(trial.key), trial.train_rows, ctx.threads)
-    return TrainJob(run=run, sae=sae, train=train)
+    kind = {"tsae": "threshold", "relu": "relu"}[trial.family]
+    sae = dataclasses.replace(cfg.sae, d_sae=trial.d_sae, kind=kind,
+                              **({"sparsity_loss": "l1"} if kind == "relu" else {}))
+    ex = cfg.execution
+    ray = RayExecutorConfig(workers=ex.workers, use_gpu=ex.use_gpu)
+    return TrainJob(run=run_settings(ctx, trial), sae=sae, train=train, ray=ray)
 
 
 def rows_used(split, job: TrainJob) -> int:
     """Rows trained on: exactly |M| when held in memory, the whole shard prefix when streamed."""
-    if split.train_rows * split.d * 4 <= job.run.in_memory_gb * 2**30:
+    if fits_in_memory(split.train_rows, split.d, job.run.in_memory_gb):
         return split.train_rows
     return parquet_rows(split.train)
 
@@ -110,10 +124,10 @@ def rows_used(split, job: TrainJob) -> int:
 def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
     job = train_job(ctx, trial)
     _claim_folder(job.run.out, {"trial": dataclasses.asdict(trial),
-                                      "job": {"sae": job.sae, "train": to_dict(job.train)}})
+                                "job": {"sae": to_dict(job.sae), "train": to_dict(job.train)}})
     info = {"steps": job.train.steps, "batch_size": job.train.batch_size,
             "epochs": job.train.steps * job.train.batch_size / trial.train_rows,
-            "config": {"sae": job.sae, "train": to_dict(job.train)}}
+            "config": {"sae": to_dict(job.sae), "train": to_dict(job.train)}}
     try:
         if job.run.executor == "ray":
             from atoms.train.ray_train import train_ray
@@ -126,7 +140,7 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
     metrics = metrics or finished_metrics(job.run.out)
     sae = load_sae(fetch(metrics["sae_path"]))
     name, kind = UNIT_SET[trial.family]
-    val = evaluate(sae, ctx.validation, ctx.aip(), prefix="")
+    val = evaluate_sae(sae, ctx.validation, ctx.aip(), prefix="")
     split = DataSplit.of(local_layer(ctx.folder), job.run.holdout_shards, verify=False).limit(
         trial.train_rows)  # the run verified the shards already
     info.update(
@@ -136,7 +150,7 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
         val_r2_euclid_centred=val["r2_euclid_centred"], val_l0_mean=val["l0_mean"],
         objective=objective(val["r2_euclid_centred"], val["l0_mean"],
                             ctx.cfg.sparsity.target_l0),
-        **{k[5:]: metrics[k] for k in metrics if k.startswith("eval_theta")},
+        **{k[5:]: metrics[k] for k in metrics if k.startswith("eval_threshold")},
         train_rows_used=rows_used(split, job))
     units = UnitSet.from_sae(sae, name, kind, redact(metrics["sae_path"]))
     return [(units, sae, train_sample(split, ctx.cfg.data.test_rows))], info
@@ -158,15 +172,15 @@ def execute_trial(ctx: StudyContext, trial: Trial) -> dict:
     started, t0 = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
-    trained = trial.family in ("tsae", "relu")
+    trained = trial.family in TRAINED
     units, info = (_train if trained else _fixed)(ctx, trial)
     aip = ctx.aip()
     base = {
         "study": ctx.cfg.name, "trial_key": trial.key, "cell": trial.cell,
         "family": trial.family, "d_sae": trial.d_sae or None, "d_sae_over_h":
         (trial.d_sae / ctx.h) if trial.d_sae else None, "train_rows": trial.train_rows or None,
-        "seed": trial.seed, "sparsity_coeff": trial.coeff,
-        "sparsity_search": search_of(ctx.cfg, trial.family)[0] if trained else None,
+        "seed": trial.seed, "sparsity_coeff": trial.sparsity_coeff,
+        "sparsity_search": search_space(ctx.cfg, trial.family).search if trained else None,
         "h": ctx.h, "aip_path": redact(ctx.aip_path) if ctx.aip_path else None,
         "r2_primary": "r2_euclid_centred", "q_star_primary": "q_star_pairwise", **ctx.meta,
         "started_at": started, "host": platform.node(), **info,

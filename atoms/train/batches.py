@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import torch
 
 from atoms.core.errors import InputError
-from atoms.extract.shards import ShardSet, iter_activation_chunks
 from atoms.core.validation import as_rows, check_finite
+from atoms.extract.shards import ShardSet, iter_activation_chunks
 
 
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -164,3 +164,8 @@ def read_rows(paths: list[Path], d: int, max_rows: int) -> torch.Tensor:
     x = torch.cat(out)[:max_rows]
     check_finite(x, str(paths[0].parent))
     return x
+
+
+def fits_in_memory(rows: int, d: int, gb: float) -> bool:
+    """Whether ``rows`` float32 rows of width ``d`` fit in ``gb`` GB (``run.in_memory_gb``)."""
+    return rows * d * 4 <= gb * 2**30

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from atoms.core.errors import InputError, TrainingDiverged
-from atoms.core.io import code_version
+from atoms.core.io import atomic_folder, code_version
 from atoms.sae.model import SAEConfig, SparseAutoencoder
-from atoms.sae.saelens import atomic_folder, load_sae, write_sae_files
+from atoms.sae.saelens import load_sae, write_sae_files
 
 TRAINER_STATE = "trainer_state.pt"
 CHECKPOINT_JSON = "checkpoint.json"

@@ -24,8 +24,8 @@ from typing import Literal, get_args
 import torch
 
 from atoms.core.errors import InputError
-from atoms.train.fused_step import compiled_dense_step
 from atoms.sae.model import SparseAutoencoder, ThresholdSAE
+from atoms.train.fused_step import compiled_dense_step
 
 StepMode = Literal["auto", "dense", "sparse"]
 SPARSE_BELOW = 0.07

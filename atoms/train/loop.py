@@ -1,9 +1,10 @@
 """Executor-agnostic SAE training: a step, an epoch loop, and the state that resumes them.
 
-``Trainer`` owns the SAE, its Adam optimiser and a ``TrainState`` (step, data position, dead-latent
-tracking, RNG, history). ``train_epochs`` feeds it batches from any source (``atoms.train.batches``).
-The plain loop, a Ray Train worker and a Ray Tune trial all run this code; a worker passes its
-DDP-wrapped objective and a ``Sync`` over torch.distributed.
+``Trainer`` owns the SAE, its Adam optimiser and a ``TrainState`` (step, data position,
+dead-latent tracking, RNG, history). ``train_epochs`` feeds it batches from any source
+(``atoms.train.batches``) and takes its evaluator, its checkpointer and its step hooks as
+arguments, so the plain loop, a Ray Train worker and the tests inject their own. A worker passes
+its DDP-wrapped objective and a ``Sync`` over torch.distributed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from atoms.aip.metric import AIP
-from atoms.train.batches import TensorBatches
 from atoms.core.config import require
 from atoms.core.errors import InputError, TrainingDiverged
-from atoms.train.fast_step import FastThresholdStep, StepMode, fast_step_applies
-from atoms.sae.model import SparseAutoencoder
 from atoms.core.validation import as_rows, check_finite
+from atoms.sae.model import SparseAutoencoder
+from atoms.train.batches import TensorBatches
+from atoms.train.fast_step import FastThresholdStep, StepMode, fast_step_applies
 
 STEP_MODES = (*get_args(StepMode), "reference")
 
@@ -321,7 +322,7 @@ class Trainer:
         means = self.sync.mean_(torch.stack([losses.mean(), torch.stack([w[4] for w in window])
                                              .mean(), torch.stack([w[5] for w in window]).mean()]))
         step, lr, coeff = window[-1][:3]
-        row = {"step": step, "lr": lr, "coeff": coeff, "loss": float(means[0]),
+        row = {"step": step, "lr": lr, "sparsity_coeff": coeff, "loss": float(means[0]),
                "mse": float(means[1]), "l0": float(means[2])}
         self.state.history.append(row)
         return row
@@ -367,14 +368,36 @@ class Trainer:
         self.state.resumed_from.append(self.state.step)
 
 
-def train_epochs(trainer: Trainer, source, until: int | None = None,
-                 on_step: Callable[[Trainer], None] | None = None, progress: bool = False) -> None:
+Hook = Callable[[Trainer], None]
+"""Runs after every step (timers, tests' fault injection)."""
+Evaluator = Callable[[SparseAutoencoder], "dict | None"]
+"""Metrics of the SAE on held-out rows (None on a worker that does not evaluate)."""
+
+
+@dataclass
+class Checkpointer:
+    """Saves the trainer every ``every`` steps (and at the last step when ``at_end``)."""
+
+    save: Callable[[Trainer], None]
+    every: int
+    at_end: bool = True
+
+    def due(self, step: int, steps: int) -> bool:
+        return step % self.every == 0 if step < steps else self.at_end
+
+
+def train_epochs(trainer: Trainer, source, until: int | None = None, *,
+                 evaluator: Evaluator | None = None, eval_every: int = 0,
+                 checkpointer: Checkpointer | None = None, hooks: Iterable[Hook] = (),
+                 progress: bool = False) -> None:
     """Train from the state's data position until ``until`` steps (default: cfg.steps).
 
     ``source.epoch(e)`` yields the batches of epoch e; the first ``batch_in_epoch`` of the
-    current epoch are skipped on resume. ``on_step`` runs after every step (checkpoints, eval).
+    current epoch are skipped on resume. After every step the ``hooks`` run; every
+    ``eval_every`` steps before the last the ``evaluator``'s metrics join ``state.evals``;
+    then, when due, the window is checked for a non-finite loss and the ``checkpointer`` saves.
     """
-    s = trainer.state
+    s, hooks = trainer.state, tuple(hooks)
     until = trainer.cfg.steps if until is None else until
     bar = tqdm(total=until, initial=s.step, disable=not progress,
                desc=f"train {trainer.sae.cfg.kind} SAE")
@@ -389,8 +412,7 @@ def train_epochs(trainer: Trainer, source, until: int | None = None,
             bar.update(1)
             if s.history and s.step == s.history[-1]["step"] + 1:
                 bar.set_postfix(mse=f"{s.history[-1]['mse']:.4f}", l0=f"{s.history[-1]['l0']:.1f}")
-            if on_step is not None:
-                on_step(trainer)
+            _after_step(trainer, hooks, evaluator, eval_every, checkpointer)
             if s.step >= until:
                 break
         else:
@@ -400,6 +422,20 @@ def train_epochs(trainer: Trainer, source, until: int | None = None,
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
     trainer.flush()
     bar.close()
+
+
+def _after_step(trainer: Trainer, hooks: tuple[Hook, ...], evaluator: Evaluator | None,
+                eval_every: int, checkpointer: Checkpointer | None) -> None:
+    step, steps = trainer.state.step, trainer.cfg.steps
+    for hook in hooks:
+        hook(trainer)
+    if evaluator is not None and eval_every and step % eval_every == 0 and step < steps:
+        metrics = evaluator(trainer.sae)
+        if metrics is not None:
+            trainer.state.evals.append({"step": step, **metrics})
+    if checkpointer is not None and checkpointer.due(step, steps):
+        trainer.flush()  # a non-finite loss stops here, before it can reach a checkpoint
+        checkpointer.save(trainer)
 
 
 @dataclass

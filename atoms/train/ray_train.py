@@ -11,38 +11,26 @@ the group from the newest one.
 
 A remote ``out`` (a storage URI) is Ray's storage too: checkpoints persist under ``out/ray`` in
 the store through its pyarrow filesystem, rank 0 publishes the final SAE and metrics (or the
-divergence record) through ``atoms.train.run_folder``, and every worker reads a remote data folder from
-its own node's mirror.
+divergence record) through ``atoms.train.run_folder``, and every worker reads a remote data
+folder from its own node's mirror.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from atoms.train.batches import TensorBatches, epoch_files, parquet_rows, read_rows
-from atoms.train.checkpoint import find_checkpoints, load_checkpoint, write_checkpoint
 from atoms.core.errors import AtomsError, ConfigError, TrainingDiverged
-from atoms.evaluate.sae_eval import evaluate
-from atoms.train.run_folder import RunFolder
-from atoms.train.run import (
-    DIVERGED,
-    METRICS,
-    Prepared,
-    StepTimer,
-    TrainJob,
-    final_metrics,
-    finished_metrics,
-    inject_fault,
-    prepare,
-    train_sample,
-    write_diverged,
-    write_final,
-)
+from atoms.train.batches import TensorBatches, epoch_files, fits_in_memory, parquet_rows, read_rows
+from atoms.train.checkpoint import find_checkpoints, load_checkpoint, write_checkpoint
+from atoms.train.job import TrainJob
 from atoms.train.loop import (
+    Checkpointer,
+    Hook,
     SAEObjective,
     Sync,
     TorchDistributedSync,
@@ -50,8 +38,16 @@ from atoms.train.loop import (
     train_epochs,
     uses_fast_step,
 )
-
-RAY_FOLDER = "ray"
+from atoms.train.run import (
+    Prepared,
+    StepTimer,
+    final_metrics,
+    finished_metrics,
+    prepare,
+    train_sample,
+    write_final,
+)
+from atoms.train.run_folder import DIVERGED, METRICS, RAY_FOLDER, RunFolder
 
 
 def _dataset(files: list[Path]):
@@ -89,7 +85,7 @@ def worker_source(prep: Prepared, rank: int, world: int, device: torch.device):
     run, cfg, split = prep.job.run, prep.job.train, prep.split
     local_batch = cfg.batch_size // world
     mine = split.train[rank::world]
-    if parquet_rows(mine) * split.d * 4 <= run.in_memory_gb * 2**30:
+    if fits_in_memory(parquet_rows(mine), split.d, run.in_memory_gb):
         parts = [b["activation"] for b in _dataset(mine).iter_torch_batches(
             batch_size=65536, dtypes=torch.float32)]
         rows = torch.cat(parts)
@@ -114,6 +110,20 @@ def _report(metrics: dict, trainer: Trainer | None, rank: int, folder_meta: dict
             folder = write_checkpoint(trainer.sae, payload, Path(tmp) / "checkpoint", folder_meta)
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _ray_checkpointer(rank: int, every: int, meta: dict) -> Checkpointer:
+    """Every ``every`` steps before the last: all ranks report the latest history row (and the
+    evaluation of this step, if any) with rank 0's checkpoint, which Ray persists."""
+
+    def save(t: Trainer) -> None:
+        step = t.state.step
+        metrics = {**(t.state.history[-1] if t.state.history else {}), "step": step}
+        if t.state.evals and t.state.evals[-1]["step"] == step:
+            metrics.update(t.state.evals[-1])
+        _report(metrics, t, rank, meta)
+
+    return Checkpointer(save, every, at_end=False)
 
 
 def _worker(config: dict) -> None:
@@ -142,28 +152,14 @@ def _worker(config: dict) -> None:
     if payload is not None:
         trainer.load_state_dict(payload)
     source = worker_source(prep, rank, world, device)
-    holdout = read_rows(split.holdout, split.d, run.eval_rows) if rank == 0 else None
-    aip, meta, timer = prep.aip(), prep.metadata(), StepTimer(cfg.batch_size)
-
-    def on_step(t: Trainer) -> None:
-        step = t.state.step
-        timer.tick(step)
-        inject_fault(t, run, prep.out, last_worker=rank == world - 1)
-        do_eval = step % prep.eval_every == 0 and step < cfg.steps
-        do_checkpoint = step % run.checkpoint_every == 0 and step < cfg.steps
-        if not (do_eval or do_checkpoint):
-            return
-        if do_checkpoint:
-            t.flush()
-        metrics = {**(t.state.history[-1] if t.state.history else {}), "step": step}
-        if do_eval and rank == 0:
-            t.state.evals.append({"step": step, **evaluate(t.sae, holdout.to(device), aip)})
-            metrics.update(t.state.evals[-1])
-        _report(metrics, t if do_checkpoint else None, rank, meta)
-
+    holdout = read_rows(split.holdout, split.d, run.eval_rows).to(device) if rank == 0 else None
+    evaluator = prep.evaluator(holdout) if rank == 0 else (lambda sae: None)
+    meta, timer = prep.metadata(), StepTimer(cfg.batch_size)
     start = time.perf_counter()
     try:
-        train_epochs(trainer, source, on_step=on_step, progress=False)
+        train_epochs(trainer, source, evaluator=evaluator, eval_every=prep.eval_every,
+                     checkpointer=_ray_checkpointer(rank, run.checkpoint_every, meta),
+                     hooks=(timer, *config["hooks"]), progress=False)
     except TrainingDiverged as e:
         if rank == 0:
             prep.folder().write_json(DIVERGED, {"step": e.step, "message": str(e)}, indent=None)
@@ -173,8 +169,7 @@ def _worker(config: dict) -> None:
     dead = float(trainer.dead().float().mean())  # collective: every rank takes part
     if rank == 0:
         train_rows = train_sample(split, run.eval_rows)
-        metrics.update(final_metrics(prep, trainer, holdout.to(device), train_rows.to(device),
-                                     dead))
+        metrics.update(final_metrics(prep, trainer, holdout, train_rows.to(device), dead))
     _report(metrics, trainer, rank, meta)
     if rank == 0:
         write_final(prep, sae.cpu(), trainer.state, metrics,
@@ -182,13 +177,13 @@ def _worker(config: dict) -> None:
                      "workers": world, "device": str(device)})
 
 
-def _check_cpus(run) -> None:
+def _check_cpus(cfg) -> None:
     """Ray Data's read tasks need a whole CPU beside the workers, or the run waits forever."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
-    if total - run.workers * run.cpus_per_worker < 1.0:
-        raise ConfigError(f"run.cpus_per_worker: {run.workers} workers × {run.cpus_per_worker} "
+    if total - cfg.workers * cfg.cpus_per_worker < 1.0:
+        raise ConfigError(f"ray.cpus_per_worker: {cfg.workers} workers × {cfg.cpus_per_worker} "
                           f"CPU leave less than 1 of the cluster's {total:g} CPUs for Ray Data "
                           "to read shards (the run would hang); lower it")
 
@@ -203,16 +198,16 @@ def _storage(folder: RunFolder) -> dict:
     return {"storage_path": str(storage)}
 
 
-def train_ray(job: TrainJob, progress: bool = True) -> dict:
+def train_ray(job: TrainJob, progress: bool = True, hooks: Iterable[Hook] = ()) -> dict:
     """Train with Ray Train (resuming from ``out/ray`` if present, in the store when ``out`` is
-    remote); returns the final metrics."""
+    remote); returns the final metrics. ``hooks`` run on every worker after every step."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from atoms.extract.ray_extract import ensure_ray, worker_env
+    from atoms.store.ray_env import ensure_ray, worker_env
 
     prep = prepare(job)
-    run = job.run
+    run, ray_cfg = job.run, job.ray
     if (done := finished_metrics(run.out)) is not None:
         return done
     folder = prep.folder()
@@ -224,14 +219,14 @@ def train_ray(job: TrainJob, progress: bool = True) -> dict:
     folder.delete(DIVERGED)
     storage = _storage(folder)
     ensure_ray(progress)
-    _check_cpus(run)
-    resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
+    _check_cpus(ray_cfg)
+    resources = {"CPU": ray_cfg.cpus_per_worker, **({"GPU": 1} if ray_cfg.use_gpu else {})}
     trainer = TorchTrainer(
-        _worker, train_loop_config={"prep": prep},
-        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.use_gpu,
+        _worker, train_loop_config={"prep": prep, "hooks": tuple(hooks)},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=RAY_FOLDER, **storage,
-                             failure_config=FailureConfig(max_failures=run.max_failures),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=run.keep_checkpoints),
                              # workers mirror remote folders where this process does
@@ -241,8 +236,8 @@ def train_ray(job: TrainJob, progress: bool = True) -> dict:
     fit_seconds = time.perf_counter() - start
     if (error := folder.read_json(DIVERGED)) is not None:
         last = result.checkpoint.path if result.checkpoint is not None else None
-        msg = write_diverged(run.out, TrainingDiverged(error["message"], error["step"]),
-                             folder.fs_path_to_show(last) if last else None)
+        msg = folder.write_diverged(TrainingDiverged(error["message"], error["step"]),
+                                    folder.fs_path_to_show(last) if last else None)
         raise TrainingDiverged(msg, step=error["step"])
     metrics = finished_metrics(run.out)
     if metrics is None:

@@ -7,108 +7,44 @@ finished, ``sae/`` (the final SAE, SAELens layout, input scaling folded) and ``m
 
 ``out`` (and ``data``) may be storage URIs (``atoms.store.storage``): training then works in the
 node's mirror of ``out`` and publishes each checkpoint, the final SAE and ``metrics.json`` to the
-store as they are written (``atoms.train.run_folder``), so the run resumes on any node.
+store as they are written (``atoms.train.run_folder``), so the run resumes on any node. The
+job is ``atoms.train.job.TrainJob``; ``hooks`` (run after every step) are how tests inject
+faults.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from atoms.aip.metric import AIP, load_aip
-from atoms.train.batches import DataSplit, ShardBatches, TensorBatches, read_rows
-from atoms.train.checkpoint import (
-    find_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    step_folder,
-    write_checkpoint,
-)
-from atoms.core.config import from_dict, require, to_dict
+from atoms.aip.fit import AIP_FILE, load_aip_once
+from atoms.aip.metric import AIP
+from atoms.core.config import to_dict
 from atoms.core.errors import InputError, TrainingDiverged
-from atoms.evaluate.sae_eval import evaluate
 from atoms.core.io import code_version
-from atoms.train.run_folder import RunFolder
-from atoms.sae.model import SAEConfig, SparseAutoencoder, build_sae
-from atoms.sae.saelens import save_sae
+from atoms.evaluate.evaluator import evaluate_sae
 from atoms.extract.shard_store import local_layer
+from atoms.sae.model import SAEConfig, SparseAutoencoder, build_sae, input_scale
+from atoms.sae.saelens import save_sae
 from atoms.store.storage import Storage, is_remote, mirror_path, pull_file, redact, redact_all
-from atoms.train.loop import TrainConfig, Trainer, train_epochs
-
-METRICS = "metrics.json"
-DIVERGED = "diverged.json"
-CHECKPOINTS = "checkpoints"
-AIP_FILE = "aip.safetensors"
-
-
-@dataclass
-class RunConfig:
-    data: str
-    """Shard folder of one (site, layer): ``<root>/<site>/layer_<l>``; a local path or a
-    storage URI (mirrored on each node that reads it)."""
-    out: str = "results/train/run"
-    """Run folder: a local path or a storage URI (``s3://bucket/prefix?…``)."""
-    holdout_shards: int = 1
-    """The last this-many shards (later documents) are held out for evaluation."""
-    eval_rows: int = 16384
-    """Rows of held-out data (and of training data, for train R²) per evaluation."""
-    eval_every: int = 0
-    """Steps between held-out evaluations (0: once per pass over the training rows); the
-    final evaluation always runs."""
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    aip: str = "auto"
-    """'auto' (``<data>/aip.safetensors`` when present), 'none', or a path or URI."""
-    executor: Literal["plain", "ray"] = "plain"
-    workers: int = 1
-    """Ray Train workers (data-parallel; the global batch is split between them)."""
-    cpus_per_worker: float = 0.5
-    """Fractional on small machines: Ray Data needs CPUs left over to read shards."""
-    use_gpu: bool = False
-    max_failures: int = 3
-    """Ray Train restarts from the last checkpoint after a worker failure, this many times."""
-    shuffle_rows: int = 65536
-    """Shuffle buffer when streaming shards."""
-    train_rows: int = 0
-    """Train on the first this-many training rows only (0: all): the data scale |M|."""
-    in_memory_gb: float = 4.0
-    """Plain executor: hold the training rows in memory when they fit in this many GB."""
-    torch_threads: int = 0
-    """Threads per process/worker (0: leave torch's default)."""
-    fault: Literal["none", "kill", "nan"] = "none"
-    """Fault injection for tests, after step ``fault_step``: 'kill' ends the last worker's
-    process once (plain: raises once), 'nan' writes a NaN into W_enc."""
-    fault_step: int = -1
-
-    def __post_init__(self):
-        require(self.holdout_shards >= 1, "holdout_shards", "must be at least 1")
-        require(self.eval_rows >= 1, "eval_rows", "must be positive")
-        require(self.eval_every >= 0, "eval_every", "must be non-negative")
-        require(self.checkpoint_every >= 1, "checkpoint_every", "must be positive")
-        require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
-        require(self.workers >= 1, "workers", "must be at least 1")
-        require(self.train_rows >= 0, "train_rows", "must be non-negative (0: all rows)")
-        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+from atoms.train.batches import (
+    DataSplit,
+    ShardBatches,
+    TensorBatches,
+    fits_in_memory,
+    read_rows,
+)
+from atoms.train.checkpoint import load_checkpoint
+from atoms.train.job import RunSettings, TrainJob
+from atoms.train.loop import Checkpointer, Hook, Trainer, train_epochs
+from atoms.train.run_folder import DIVERGED, METRICS, RunFolder
 
 
-@dataclass
-class TrainJob:
-    """What ``experiments/train.py`` reads: where (run), what (sae) and how (train)."""
-
-    run: RunConfig
-    sae: dict = field(default_factory=dict)
-    """SAEConfig fields; d_in defaults to the shard set's width."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-@dataclass
+@dataclasses.dataclass
 class Prepared:
     """A job checked against its data, before any training."""
 
@@ -135,11 +71,16 @@ class Prepared:
         sae = build_sae(self.sae_cfg)
         sae.input_scale.fill_(self.input_scale)
         if self.aip_path is not None:
-            sae.set_metric(load_aip(self.aip_path)[0])
+            sae.set_metric(self.aip())
         return sae
 
     def aip(self) -> AIP | None:
-        return load_aip(self.aip_path)[0] if self.aip_path is not None else None
+        return load_aip_once(self.aip_path)[0] if self.aip_path is not None else None
+
+    def evaluator(self, holdout: torch.Tensor):
+        """Held-out metrics of an SAE during training (the AIP ones when S̃ is known)."""
+        aip = self.aip()
+        return lambda sae: evaluate_sae(sae, holdout, aip)
 
     def aip_source(self) -> str | None:
         """Where the AIP came from, as recorded: its path, or its stored URI (redacted)."""
@@ -167,7 +108,7 @@ class Prepared:
         return dataclasses.replace(self, split=split, aip_path=_aip_path(run, folder))
 
 
-def _aip_path(run: RunConfig, data: Path) -> Path | None:
+def _aip_path(run: RunSettings, data: Path) -> Path | None:
     if run.aip == "none":
         return None
     if run.aip == "auto":
@@ -187,37 +128,36 @@ def prepare(job: TrainJob) -> Prepared:
     split = DataSplit.of(local_layer(run.data), run.holdout_shards)
     if run.train_rows:
         split = split.limit(run.train_rows)
-    sae_dict = {"seed": job.train.seed, **job.sae}
-    if "d_in" in sae_dict:
-        split.check_d(sae_dict["d_in"])
-    sae_cfg = from_dict(SAEConfig, {"d_in": split.d, **sae_dict}, "sae")
-    workers = run.workers if run.executor == "ray" else 1
+    if job.sae.d_in is not None:
+        split.check_d(job.sae.d_in)
+    seed = job.sae.seed if job.sae.seed is not None else job.train.seed
+    sae_cfg = dataclasses.replace(job.sae, d_in=split.d, seed=seed)
+    workers = job.workers
     if job.train.batch_size % workers:
         raise InputError(f"train.batch_size: {job.train.batch_size} does not split evenly "
-                         f"over run.workers={workers}")
+                         f"over ray.workers={workers}")
     if len(split.train) < workers:
         raise InputError(f"{split.folder}: {len(split.train)} training shards for {workers} "
                          "workers; each needs at least one")
     if job.train.batch_size // workers > split.train_rows // workers:
         raise InputError(f"train.batch_size: {job.train.batch_size} is more than the "
                          f"{split.train_rows} training rows in {split.folder}")
-    sample = train_sample(split, 16384)
-    mean_sq = float(sample.double().pow(2).sum(1).mean())
-    scale = 1.0 / math.sqrt(mean_sq) if mean_sq > 0 else 1.0
+    scale = input_scale(train_sample(split, 16384))
     return Prepared(job, split, sae_cfg, _aip_path(run, split.folder), scale)
 
 
 class StepTimer:
     """Steady-state throughput: rows/s between the ``warmup``-th step after (re)start and the
-    last, so start-up (process, data pipeline, first allocations) is excluded."""
+    last, so start-up (process, data pipeline, first allocations) is excluded. A step hook."""
 
     def __init__(self, batch_size: int, warmup: int = 5):
         self.batch_size, self.warmup, self.ticks = batch_size, warmup, 0
         self.first: tuple[int, float] | None = None
         self.last: tuple[int, float] | None = None
 
-    def tick(self, step: int) -> None:
+    def __call__(self, trainer: Trainer) -> None:
         self.ticks += 1
+        step = trainer.state.step
         if self.ticks == self.warmup:
             self.first = (step, time.perf_counter())
         elif self.ticks > self.warmup:
@@ -230,26 +170,6 @@ class StepTimer:
         return {"steady_steps": steps, "steady_rows_per_s": steps * self.batch_size / seconds}
 
 
-FAULT_MARKER = ".fault_injected"
-
-
-def inject_fault(trainer: Trainer, run: RunConfig, out: Path, last_worker: bool) -> None:
-    """Apply ``run.fault`` once the trainer has taken ``run.fault_step`` steps."""
-    if run.fault == "none" or trainer.state.step != run.fault_step:
-        return
-    if run.fault == "nan":
-        with torch.no_grad():
-            trainer.sae.W_enc[0, 0] = float("nan")
-        return
-    marker = out / FAULT_MARKER
-    if last_worker and not marker.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        if run.executor == "ray":
-            os._exit(1)  # the worker process dies; Ray Train restarts the group
-        raise RuntimeError(f"injected failure at step {run.fault_step}")
-
-
 def train_sample(split: DataSplit, rows: int) -> torch.Tensor:
     """Training rows for train-R²: spread over the shards, or the first rows of a split
     limited to |M| rows (so the sample never reaches past what was trained on)."""
@@ -260,7 +180,7 @@ def train_sample(split: DataSplit, rows: int) -> torch.Tensor:
 
 def finished_metrics(out) -> dict | None:
     """The metrics of a finished run in ``out``, a path or URI (None when it has not finished)."""
-    return RunFolder(out).read_json(METRICS)
+    return RunFolder(out).finished_metrics()
 
 
 def write_final(prep: Prepared, sae: SparseAutoencoder, trainer_state, metrics: dict,
@@ -278,21 +198,11 @@ def write_final(prep: Prepared, sae: SparseAutoencoder, trainer_state, metrics: 
         "resumed_from": trainer_state.resumed_from,
         "history": trainer_state.history, "evals": trainer_state.evals,
         "config": {"run": redact_all(to_dict(prep.job.run)), "sae": to_dict(prep.sae_cfg),
-                   "train": to_dict(prep.job.train)},
+                   "train": to_dict(prep.job.train), "ray": to_dict(prep.job.ray)},
         "input_scale": prep.input_scale, "aip": prep.aip_source(),
         "code_version": code_version(),
     }
     return folder.write_json(METRICS, record)
-
-
-def write_diverged(out, error: TrainingDiverged, last_checkpoint: str | None) -> str:
-    """Record a divergence in the run folder ``out`` (path or URI); returns the message naming
-    the last good checkpoint."""
-    msg = f"{error} — last good checkpoint: {last_checkpoint or 'none'}"
-    RunFolder(out).write_json(DIVERGED, {"status": "diverged", "step": error.step,
-                                         "message": msg, "last_checkpoint": last_checkpoint},
-                              indent=None)
-    return msg
 
 
 def final_metrics(prep: Prepared, trainer: Trainer, holdout: torch.Tensor,
@@ -300,14 +210,14 @@ def final_metrics(prep: Prepared, trainer: Trainer, holdout: torch.Tensor,
     """Held-out (eval_*) and train-sample (train_*) metrics of the trained SAE."""
     aip = prep.aip()
     start = trainer.state.threshold_start
-    return {**evaluate(trainer.sae, holdout, aip, prefix="eval_", threshold_start=start),
-            **evaluate(trainer.sae, train_rows, aip, prefix="train_"),
+    return {**evaluate_sae(trainer.sae, holdout, aip, prefix="eval_", threshold_start=start),
+            **evaluate_sae(trainer.sae, train_rows, aip, prefix="train_"),
             "train_dead_fraction": train_dead_fraction}
 
 
-def train_local(job: TrainJob, progress: bool = True) -> dict:
+def train_local(job: TrainJob, progress: bool = True, hooks: Iterable[Hook] = ()) -> dict:
     """Train in this process (resuming from ``out/checkpoints``, the stored ones when ``out``
-    is remote); returns the final metrics."""
+    is remote); returns the final metrics. ``hooks`` run after every step."""
     prep = prepare(job)
     if (done := finished_metrics(job.run.out)) is not None:
         return done
@@ -315,47 +225,35 @@ def train_local(job: TrainJob, progress: bool = True) -> dict:
     if run.torch_threads:
         torch.set_num_threads(run.torch_threads)
     folder = prep.folder()
-    ck_root = folder.local / CHECKPOINTS
-    folder.pull_checkpoint(CHECKPOINTS, "step_*")
-    existing = find_checkpoints(ck_root)
-    if existing:
-        sae, payload = load_checkpoint(existing[-1], expect=prep.sae_cfg)
+    newest = folder.newest_checkpoint()
+    if newest is not None:
+        sae, payload = load_checkpoint(newest, expect=prep.sae_cfg)
         trainer = Trainer(sae, cfg)
         trainer.load_state_dict(payload)
     else:
         trainer = Trainer(prep.new_sae(), cfg)
     split = prep.split
-    if split.train_rows * split.d * 4 <= run.in_memory_gb * 2**30:
+    if fits_in_memory(split.train_rows, split.d, run.in_memory_gb):
         source = TensorBatches(read_rows(split.train, split.d, split.train_rows),
                                cfg.batch_size, cfg.seed)
     else:
         source = ShardBatches(split.train, split.d, cfg.batch_size, cfg.seed,
                               shuffle_rows=run.shuffle_rows)
     holdout = read_rows(split.holdout, split.d, run.eval_rows)
-    aip, timer = prep.aip(), StepTimer(cfg.batch_size)
+    timer, meta = StepTimer(cfg.batch_size), prep.metadata()
     folder.delete(DIVERGED)
-
-    def on_step(t: Trainer) -> None:
-        step = t.state.step
-        timer.tick(step)
-        inject_fault(t, run, prep.out, last_worker=True)
-        if step % prep.eval_every == 0 and step < cfg.steps:
-            t.state.evals.append({"step": step, **evaluate(t.sae, holdout, aip)})
-        if step % run.checkpoint_every == 0 or step == cfg.steps:
-            t.flush()  # a non-finite loss stops here, before it can reach a checkpoint
-            written = write_checkpoint(t.sae, t.state_dict(), step_folder(ck_root, step),
-                                       prep.metadata())
-            folder.publish_checkpoint(written)
-            prune_checkpoints(ck_root, run.keep_checkpoints)
-            folder.prune_stored(CHECKPOINTS, "step_*", find_checkpoints(ck_root))
-
+    checkpointer = Checkpointer(
+        lambda t: folder.save_checkpoint(t.sae, t.state_dict(), meta, run.keep_checkpoints),
+        run.checkpoint_every)
     start = time.perf_counter()
     try:
-        train_epochs(trainer, source, on_step=on_step, progress=progress)
+        train_epochs(trainer, source, evaluator=prep.evaluator(holdout),
+                     eval_every=prep.eval_every, checkpointer=checkpointer,
+                     hooks=(timer, *hooks), progress=progress)
     except TrainingDiverged as e:
-        last = find_checkpoints(ck_root)
-        shown = folder.show(last[-1].relative_to(folder.local).as_posix()) if last else None
-        msg = write_diverged(run.out, e, shown)
+        last = folder.newest_checkpoint()
+        shown = folder.show(last.relative_to(folder.local).as_posix()) if last else None
+        msg = folder.write_diverged(e, shown)
         raise TrainingDiverged(msg, step=e.step) from None
     seconds = time.perf_counter() - start
     train_rows = train_sample(split, run.eval_rows)

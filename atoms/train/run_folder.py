@@ -15,12 +15,24 @@ import json
 import shutil
 from pathlib import Path
 
-from atoms.train.checkpoint import CHECKPOINT_JSON
-from atoms.core.errors import InputError
-from atoms.core.io import atomic_path
+from atoms.core.errors import InputError, TrainingDiverged
+from atoms.core.io import CHECKSUMS, atomic_path
 from atoms.store.storage import Storage, is_remote, mirror_path, pull
+from atoms.train.checkpoint import (
+    CHECKPOINT_JSON,
+    find_checkpoints,
+    prune_checkpoints,
+    step_folder,
+    write_checkpoint,
+)
 
-CHECKSUMS = "checksums.json"
+METRICS = "metrics.json"
+"""Written last by a finished run: its presence means finished."""
+DIVERGED = "diverged.json"
+CHECKPOINTS = "checkpoints"
+"""The plain executor's checkpoints, ``checkpoints/step_NNNNNNN``."""
+RAY_FOLDER = "ray"
+"""The Ray Train executor's checkpoints, ``ray/checkpoint_*`` (written by Ray)."""
 
 
 class RunFolder:
@@ -127,6 +139,34 @@ class RunFolder:
         for name in sorted(names):
             if fnmatch.fnmatch(name, pattern) and name not in kept:
                 self.store.delete(f"{rel}/{name}")
+
+    def save_checkpoint(self, sae, payload: dict, metadata: dict, keep: int) -> Path:
+        """Write the plain executor's checkpoint of ``payload['state']['step']``, publish it,
+        and keep only the newest ``keep`` here and in the store."""
+        root = self.local / CHECKPOINTS
+        written = write_checkpoint(sae, payload, step_folder(root, payload["state"]["step"]),
+                                   metadata)
+        self.publish_checkpoint(written)
+        prune_checkpoints(root, keep)
+        self.prune_stored(CHECKPOINTS, "step_*", find_checkpoints(root))
+        return written
+
+    def newest_checkpoint(self) -> Path | None:
+        """The newest complete plain-executor checkpoint (pulled from the store when remote)."""
+        self.pull_checkpoint(CHECKPOINTS, "step_*")
+        found = find_checkpoints(self.local / CHECKPOINTS)
+        return found[-1] if found else None
+
+    def finished_metrics(self) -> dict | None:
+        """The metrics of a finished run (None when it has not finished)."""
+        return self.read_json(METRICS)
+
+    def write_diverged(self, error: TrainingDiverged, last_checkpoint: str | None) -> str:
+        """Record a divergence; returns the message naming the last good checkpoint."""
+        msg = f"{error} — last good checkpoint: {last_checkpoint or 'none'}"
+        self.write_json(DIVERGED, {"status": "diverged", "step": error.step, "message": msg,
+                                   "last_checkpoint": last_checkpoint}, indent=None)
+        return msg
 
     def fs_path_to_show(self, path: str) -> str:
         """A path on the store's filesystem (as Ray reports it), shown as a redacted URI."""

@@ -5,11 +5,11 @@ import torch
 
 from atoms.aip.metric import AIP, SecondMoment
 from atoms.core.errors import ConfigError, InputError
+from atoms.evaluate.evaluator import UnitEvalConfig, evaluate_unit_set
 from atoms.evaluate.metrics import theorem_interval
-from atoms.sae.model import SAEConfig, ThresholdSAE
 from atoms.evaluate.synthetic import SyntheticConfig, make_atom_set
-from atoms.evaluate.unit_eval import UnitEvalConfig, evaluate_unit_set
 from atoms.evaluate.units import UnitSet
+from atoms.sae.model import SAEConfig, ThresholdSAE
 
 K = 3
 

@@ -1,8 +1,11 @@
-"""Judge any unit set (neurons, SAE features, atoms, random directions) on held-out rows.
+"""The one evaluator: an SAE's metrics during and after training (``evaluate_sae``), and one
+results-table row for any unit set — neurons, SAE features, atoms, random directions
+(``evaluate_unit_set``).
 
 ``evaluate_unit_set`` returns one flat row of floats with the same keys for every kind, so a
 table of mixed unit sets has one schema. Every metric is the one in ``atoms.evaluate.metrics`` /
-``atoms.evaluate.recovery``; this module only decides which codes δ and reconstructions x̂ a kind has:
+``atoms.evaluate.recovery``; this module only decides which codes δ and reconstructions x̂ a
+kind has:
 
 - SAE-backed (``sae`` given): the SAE's codes and x̂ = SAE(x), batched under no_grad.
 - neurons: δ = x and x̂ = x (R² = 1 by construction); unit j is active when |xᵢⱼ| > tol.
@@ -25,8 +28,10 @@ import torch
 from atoms.aip.metric import AIP
 from atoms.core.config import require
 from atoms.core.errors import InputError
+from atoms.core.validation import as_rows, check_finite
 from atoms.evaluate.metrics import (
     R2_VARIANTS,
+    R2Accumulator,
     coherence,
     dead_fraction,
     l0_per_row,
@@ -38,9 +43,8 @@ from atoms.evaluate.metrics import (
     uniqueness_satisfied,
 )
 from atoms.evaluate.recovery import l1_recovery_agreement, omp
-from atoms.sae.model import SparseAutoencoder
 from atoms.evaluate.units import UnitSet
-from atoms.core.validation import as_rows, check_finite
+from atoms.sae.model import SparseAutoencoder
 
 NAN = float("nan")
 BATCH_ROWS = 1024
@@ -181,3 +185,36 @@ def evaluate_unit_set(units: UnitSet, holdout: torch.Tensor, aip: AIP | None,
     row["omp_k"] = k_omp
     row["eval_seconds"] = time.perf_counter() - t0
     return row
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SparseAutoencoder, rows: torch.Tensor, aip: AIP | None = None,
+             batch_rows: int = 4096, prefix: str = "eval_",
+             threshold_start: torch.Tensor | None = None) -> dict[str, float]:
+    """Metrics of ``sae`` on ``rows`` (input units), keys prefixed with ``prefix``.
+
+    r2_<variant> (see R2Accumulator), l0_mean/median/p90/max, empty_fraction, dead_fraction
+    (latents that never fire on these rows) and, for threshold SAEs, threshold_mean/std/min/max in
+    normalised units plus mean |θ − θ₀| when ``threshold_start`` is given.
+    """
+    device = sae.W_dec.device
+    r2 = R2Accumulator(sae.cfg.d_in, aip)
+    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=device)
+    l0s = []
+    for start in range(0, len(rows), batch_rows):
+        x = rows[start:start + batch_rows].to(device)
+        out = sae(x)
+        r2.update(x.cpu(), out.recon.float().cpu())
+        active = out.codes != 0
+        counts += active.sum(0)
+        l0s.append(active.sum(1).cpu())
+    metrics = {f"r2_{k}": v for k, v in r2.result().items()}
+    metrics.update(l0_summary(torch.cat(l0s)))
+    metrics["dead_fraction"] = dead_fraction(counts.cpu())
+    if hasattr(sae, "threshold"):
+        theta = sae.threshold.detach().float().cpu()
+        metrics.update(threshold_mean=float(theta.mean()), threshold_std=float(theta.std()),
+                       threshold_min=float(theta.min()), threshold_max=float(theta.max()))
+        if threshold_start is not None:
+            metrics["threshold_moved"] = float((theta - threshold_start.float()).abs().mean())
+    return {f"{prefix}{k}": v for k, v in metrics.items()}

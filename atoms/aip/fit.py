@@ -1,0 +1,79 @@
+"""S̃ for one layer folder: fitted from every shard, kept as ``aip.safetensors`` beside them.
+
+This module owns the file: its name, where it lives for a layer folder (a path or a storage
+URI), fitting it and loading it. A stored layer's S̃ is written into the node mirror, then
+published beside the shards.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from atoms.aip.metric import AIP, load_aip, save_aip
+from atoms.aip.ray_moment import fit_second_moment
+from atoms.core.config import require
+from atoms.extract.shard_store import load_layer_manifest
+from atoms.store.storage import Storage, fetch, is_remote, mirror_path
+
+AIP_FILE = "aip.safetensors"
+
+
+@dataclass
+class AIPFitConfig:
+    centred: bool = False
+    """Centred covariance instead of the paper's uncentred E[mmᵀ] (ablation)."""
+    floor: float = 1e-6
+    """Eigenvalue floor relative to λ_max."""
+    allow_floor: bool = False
+    """Floor an ill-conditioned moment instead of failing."""
+
+    def __post_init__(self):
+        require(0 < self.floor < 1, "floor", f"must be in (0, 1), got {self.floor}")
+
+
+def layer_aip_uri(folder: Path | str) -> str:
+    """Where the S̃ of the layer folder ``folder`` lives (a path or a URI)."""
+    return Storage(folder).uri_of(AIP_FILE)
+
+
+def has_layer_aip(folder: Path | str) -> bool:
+    return Storage(folder).size(AIP_FILE) is not None
+
+
+def fit_layer_aip(folder: Path | str, cfg: AIPFitConfig, progress: bool = True
+                  ) -> tuple[Path, AIP, int]:
+    """Fit S̃ from every shard of ``folder`` and write ``folder/aip.safetensors``;
+    returns (path, S̃, rows). For a stored layer folder (URI) the file is written into the
+    node mirror and then published beside the shards; the returned path is the mirror's."""
+    manifest = load_layer_manifest(folder)
+    moment = fit_second_moment(folder, cfg.centred, progress=progress)
+    aip = AIP.from_moment(moment, cfg.floor, cfg.allow_floor)
+    meta = {"model": manifest.model, "revision": manifest.revision, "site": manifest.site,
+            "layer": manifest.layer, "rows": moment.n, "centred": cfg.centred,
+            "positions": manifest.positions}
+    path = save_aip(aip, mirror_path(folder) / AIP_FILE, meta)
+    if is_remote(folder):
+        Storage(folder).put_file(path, AIP_FILE)
+    return path, aip, moment.n
+
+
+def ensure_layer_aip(folder: Path | str, cfg: AIPFitConfig, progress: bool = True) -> str:
+    """The S̃ of ``folder`` (path or URI), fitted from every shard when it is missing."""
+    if not has_layer_aip(folder):
+        _, aip, rows = fit_layer_aip(folder, cfg, progress)
+        print(f"fitted S̃ on {rows} rows (condition number {aip.condition_number:.3g})")
+    return layer_aip_uri(folder)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, stamp: tuple) -> tuple[AIP, dict]:
+    return load_aip(path)
+
+
+def load_aip_once(uri: str | Path) -> tuple[AIP, dict]:
+    """``load_aip`` of a path or URI, read once per process while the file is unchanged."""
+    path = fetch(uri)
+    st = Path(path).stat()
+    return _load(str(path), (st.st_size, st.st_mtime_ns))

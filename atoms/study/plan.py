@@ -1,0 +1,168 @@
+"""A study's plan: its cells and trials, the sizes checked before any work, what is left to run.
+
+A *cell* fixes (family, |D|, |M|, seed); its *samples* differ only in the sparsity coefficient,
+gridded or proposed by Optuna. Every trial has a key that names its row file, so a rerun of the
+same study knows exactly which trials are finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from atoms.core.config import to_dict
+from atoms.core.errors import ConfigError
+from atoms.extract.shards import Manifest
+from atoms.store.results import ResultStore
+from atoms.store.storage import Storage, redact_all
+from atoms.study.config import StudyConfig
+from atoms.train.batches import split_rows
+
+TRAINED = ("tsae", "relu")
+"""Families that train an SAE (and so have a sparsity coefficient)."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One unit of work; ``key`` names its row file and its folder."""
+
+    key: str
+    cell: str
+    family: str
+    index: int = 0
+    d_sae: int = 0
+    """|D| as a latent count (0: not applicable)."""
+    train_rows: int = 0
+    seed: int = 0
+    sparsity_coeff: float | None = None
+    """λ; None until Optuna proposes it."""
+    name: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """How a trained family's sparsity coefficient is chosen in each cell."""
+
+    search: str
+    """'grid' or 'optuna'."""
+    values: tuple[float, ...]
+    """The gridded sparsity_coeff values."""
+    low: float
+    high: float
+    """Optuna's log-uniform range."""
+    samples: int
+
+
+def search_space(cfg: StudyConfig, family: str) -> SearchSpace:
+    """The sparsity-coefficient search of a trained family (atoms or ReLU features)."""
+    if family == "relu":
+        b = cfg.baselines
+        return SearchSpace(b.relu_search, tuple(b.relu_sparsity_coeff),
+                           *b.relu_sparsity_coeff_range, cfg.sparsity.samples)
+    sp = cfg.sparsity
+    return SearchSpace(sp.search, tuple(sp.sparsity_coeff), *sp.sparsity_coeff_range,
+                       sp.samples)
+
+
+def trial_steps(cfg: StudyConfig, train_rows: int) -> int:
+    """Steps of a cell: ``train.steps``, or ⌈epochs·|M| / batch⌉ capped at ``max_steps``."""
+    if cfg.grid.budget == "steps":
+        return cfg.train.steps
+    batch = min(cfg.train.batch_size, train_rows)
+    return min(cfg.grid.max_steps, max(1, math.ceil(cfg.grid.epochs * train_rows / batch)))
+
+
+def _lam(v: float) -> str:
+    return f"{v:.3g}".replace("+", "")
+
+
+def _samples(family: str, n: int, m: int, seed: int, space: SearchSpace
+             ) -> dict[str, list[Trial]]:
+    """One trained cell: its gridded λ values, or ``samples`` Optuna samples (λ None)."""
+    cell = f"{family}-D{n}-M{m}-s{seed}"
+    if space.search == "grid":
+        return {cell: [Trial(f"{cell}-l{_lam(v)}", cell, family, i, n, m, seed, v)
+                       for i, v in enumerate(space.values)]}
+    return {cell: [Trial(f"{cell}-opt{i}", cell, family, i, n, m, seed)
+                   for i in range(space.samples)]}
+
+
+def cells(cfg: StudyConfig, h: int) -> dict[str, list[Trial]]:
+    """Every cell of the study with its trials (λ None for Optuna samples)."""
+    out: dict[str, list[Trial]] = {}
+    grid, base = cfg.grid, cfg.baselines
+    atoms, relu = search_space(cfg, "tsae"), search_space(cfg, "relu")
+    for seed in grid.seeds:
+        for n in grid.latents(h):
+            for m in grid.train_rows:
+                out.update(_samples("tsae", n, m, seed, atoms))
+            if base.relu:
+                for m in base.relu_train_rows or [max(grid.train_rows)]:
+                    out.update(_samples("relu", n, m, seed, relu))
+            if base.random:
+                cell = f"random-D{n}-s{seed}"
+                out[cell] = [Trial(cell, cell, "random", 0, n, 0, seed)]
+    if base.neurons:
+        out["neurons"] = [Trial("neurons", "neurons", "neurons", 0, h)]
+    for p in base.pretrained:
+        cell = f"pretrained-{p.name}"
+        out[cell] = [Trial(cell, cell, "pretrained", name=p.name, path=p.path)]
+    return out
+
+
+def check_scale(cfg: StudyConfig, train_rows: int, holdout_rows: int, where: str) -> None:
+    """|M| and the held-out sizes against the rows available (before any training)."""
+    wanted = max([*cfg.grid.train_rows, *cfg.baselines.relu_train_rows])
+    if wanted > train_rows:
+        raise ConfigError(f"grid.train_rows: |M| = {wanted} but {where} has {train_rows} "
+                          "training rows")
+    need = cfg.data.validation_rows + cfg.data.test_rows
+    if need > holdout_rows:
+        raise ConfigError(f"data.validation_rows + data.test_rows: {need} held-out rows asked "
+                          f"for but {where} holds out {holdout_rows}")
+
+
+def planned_split(cfg: StudyConfig) -> tuple[int, int]:
+    """(training rows, held-out rows) the extraction will give, assuming the corpus is long
+    enough: the |M| check runs on this before any work, then again on the real shards."""
+    ex = cfg.data.extract
+    windows = ex.max_tokens // ex.context_len
+    per_window = {"all": ex.context_len, "last": 1,
+                  "no_bos": ex.context_len - int(ex.prepend_bos)}[ex.positions]
+    shards = -(-windows // ex.windows_per_shard)
+    if cfg.data.holdout_shards >= shards:
+        return 0, 0
+    held_windows = windows - (shards - cfg.data.holdout_shards) * ex.windows_per_shard
+    return (windows - held_windows) * per_window, held_windows * per_window
+
+
+def check_against_manifest(cfg: StudyConfig, manifest: Manifest, where: str) -> None:
+    """|M|, the held-out sizes and the grid against an existing shard set."""
+    check_scale(cfg, *split_rows(manifest, cfg.data.holdout_shards, where), where)
+    cells(cfg, manifest.d)
+
+
+def pending_trials(cfg: StudyConfig, h: int, store: ResultStore):
+    """(pending trials by cell, finished Optuna samples by cell as (λ, objective), total
+    trials)."""
+    finished = store.finished()
+    todo_by_cell, done = {}, {}
+    plan_cells = cells(cfg, h)
+    for cell, trials in plan_cells.items():
+        todo = [t for t in trials if t.key not in finished]
+        if todo:
+            todo_by_cell[cell] = todo
+        done[cell] = [(float(f["sparsity_coeff"].iloc[0]), float(f["objective"].iloc[0]))
+                      for t in trials if t.family in TRAINED and t.sparsity_coeff is None
+                      and (f := finished.get(t.key)) is not None]
+    total = sum(len(t) for t in plan_cells.values())
+    return todo_by_cell, done, total
+
+
+def write_plan(cfg: StudyConfig, todo: dict[str, list[Trial]], total: int) -> None:
+    """``<out>/study.json``: the config (secrets redacted), the trial count, what is pending."""
+    Storage(cfg.out).write_json("study.json", {
+        "config": redact_all(to_dict(cfg)), "trials": total,
+        "pending": [dataclasses.asdict(t) for v in todo.values() for t in v]})
