@@ -84,6 +84,40 @@ def test_unknown_key_fails_before_work(tmp_path, shards, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", [
+    "", "data", "data.extract", "grid", "sparsity", "sae", "train", "baselines",
+    "baselines.pretrained[0]", "eval", "execution"])
+def test_a_misspelt_key_anywhere_fails_before_ray_or_work(tmp_path, shards, capsys, monkeypatch,
+                                                          where):
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(scaling, "ensure_ray", no_ray)
+    data = study_dict(shards, tmp_path / "out", **{
+        "baselines.pretrained": [{"name": "p", "path": str(shards)}],
+        "data.extract": {"model": "tiny-random"}})
+    node = data
+    for part in filter(None, where.replace("[0]", ".0").split(".")):
+        node = node[int(part)] if part.isdigit() else node[part]
+    node["nmae"] = 1
+    code, err = run_cli(write_config(tmp_path, data), capsys)
+    key = f"{where}.nmae" if where else "nmae"
+    assert code == 2 and err.count("\n") == 0 and f"{key}: unknown field" in err, err
+    assert "study.yaml" in err and not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_config_field_with_its_docstring(capsys):
+    with pytest.raises(SystemExit) as done:
+        scaling.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for line in ("  sparsity.sparsity_coeff_range ([1e-05, 0.01]): Optuna: λ log-uniform",
+                 "  grid.d_sae_over_h ([0.5, 1.0, 2.0, 4.0]): Dictionary sizes |D| as multiples",
+                 "  sae.bandwidth (0.001): Rectangle-kernel STE width",
+                 "  baselines.pretrained.path (required): Any layout"):
+        assert line in text, line
+
+
 def test_empty_grid_fails_before_work(tmp_path, shards, capsys):
     code, err = run_cli(write_config(tmp_path, study_dict(shards, tmp_path / "out",
                                                           **{"grid.train_rows": []})), capsys)

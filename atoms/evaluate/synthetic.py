@@ -29,18 +29,15 @@ class AtomSetShape:
     n_atoms: int = 128
     """Number of atoms N (overcompleteness N/H)."""
     delta_min: float = 1.0
-    """Smallest non-zero coefficient δ."""
     delta_max: float = 2.0
-    """Largest coefficient δ."""
-    condition: float = 10.0
-    """Condition number of the map A from whitened to activation space."""
+    """Non-zero coefficients δ lie in [delta_min, delta_max]."""
     seed: int = 0
+    """Seed of the atoms, the map A and the codes."""
 
     def __post_init__(self):
         require(self.d >= 2, "d", f"must be at least 2, got {self.d}")
         require(self.n_atoms >= 2, "n_atoms", f"must be at least 2, got {self.n_atoms}")
         require(0 < self.delta_min <= self.delta_max, "delta_min", "need 0 < δ_min ≤ δ_max")
-        require(self.condition >= 1, "condition", "must be ≥ 1")
 
 
 @dataclass
@@ -52,9 +49,12 @@ class SyntheticConfig(AtomSetShape):
     exact_k: bool = True
     """Every activation uses exactly K atoms (else a uniform count in 1..K)."""
     n_samples: int = 20000
+    condition: float = 10.0
+    """Condition number of the map A from whitened to activation space."""
 
     def __post_init__(self):
         super().__post_init__()
+        require(self.condition >= 1, "condition", "must be ≥ 1")
         require(0 <= self.coherence < 1, "coherence", f"must be in [0, 1), got {self.coherence}")
         require(1 <= self.k <= self.n_atoms, "k", f"must be in 1..n_atoms, got {self.k}")
         require(self.n_samples >= 1, "n_samples", "must be positive")

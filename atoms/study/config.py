@@ -125,8 +125,9 @@ class Sparsity:
 @dataclass
 class PretrainedSAE:
     name: str
+    """The unit set's name in result rows."""
     path: str
-    """Any layout ``atoms.units.load_unit_set`` reads (SAELens, sparsify, Gemma/Llama Scope)."""
+    """Any layout ``atoms.evaluate.units.load_unit_set`` reads (SAELens, sparsify, Gemma/Llama Scope)."""
 
 
 @dataclass
@@ -147,6 +148,7 @@ class Baselines:
     relu_sparsity_coeff_range: list[float] = field(default_factory=lambda: [1e-3, 0.3])
     """Optuna: the ReLU SAEs' λ log-uniform in [low, high]."""
     pretrained: list[PretrainedSAE] = field(default_factory=list)
+    """Imported SAEs judged as features beside the trained ones."""
 
     def __post_init__(self):
         require(not self.relu or self.relu_search == "optuna" or len(self.relu_sparsity_coeff) > 0,
