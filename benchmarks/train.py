@@ -19,18 +19,20 @@ from pathlib import Path
 import torch
 
 from atoms.core.config import from_dict
+from atoms.train.job import TrainJob
 from atoms.train.ray_train import train_ray
-from atoms.train.run import TrainJob, train_local
+from atoms.train.run import train_local
 from benchmarks.common import matmul_gflops, record
 from tests.shardsets import write_shard_set
 
 B, D, N = 4096, 576, 2304
 
 
-def job(data: Path, out: Path, steps: int, **run) -> TrainJob:
+def job(data: Path, out: Path, steps: int, ray: dict | None = None, **run) -> TrainJob:
     return from_dict(TrainJob, {
         "run": {"data": str(data), "out": str(out), "eval_rows": 1024, "checkpoint_every": steps,
                 "keep_checkpoints": 1, **run},
+        "ray": ray or {},
         "sae": {"d_sae": N, "bandwidth": 0.01, "init_threshold": 0.01},
         "train": {"steps": steps, "batch_size": B, "lr_warmup_steps": 5, "log_every": 10},
     })
@@ -58,11 +60,11 @@ def main() -> None:
             "plain loop (2 threads)": lambda: train_local(
                 job(data, tmp / "plain", steps, torch_threads=2), progress=False),
             "Ray Train, 1 worker (1 CPU, 2 threads)": lambda: train_ray(job(
-                data, tmp / "ray1", steps, executor="ray", workers=1, cpus_per_worker=1.0,
-                torch_threads=2), progress=False),
+                data, tmp / "ray1", steps, executor="ray", torch_threads=2,
+                ray={"workers": 1, "cpus_per_worker": 1.0}), progress=False),
             "Ray Train, 2 workers (0.5 CPU, 1 thread each)": lambda: train_ray(job(
-                data, tmp / "ray2", steps, executor="ray", workers=2, cpus_per_worker=0.5,
-                torch_threads=1), progress=False),
+                data, tmp / "ray2", steps, executor="ray", torch_threads=1,
+                ray={"workers": 2, "cpus_per_worker": 0.5}), progress=False),
         }
         results = {name: timed(fn) for name, fn in runs.items()}
         ceilings.append(matmul_gflops(B, D, N))

@@ -93,7 +93,7 @@ def test_killed_study_reruns_to_exactly_one_row_per_trial_and_unit_set(tmp_path)
     assert set(pairs) == expected_rows(cfg)  # no holes
     atoms = table[table["family"] == "tsae"]
     assert (atoms["sparsity_search"] == "optuna").all()
-    assert atoms["sparsity_coeff"].between(cfg.sparsity.low, cfg.sparsity.high).all()
+    assert atoms["sparsity_coeff"].between(*cfg.sparsity.sparsity_coeff_range).all()
     assert atoms["status"].eq("finished").all() and atoms["r2_euclid_centred"].gt(0).all()
     assert (Path(cfg.out) / "summary.md").read_text().count("|M| = ") == 2
     probe = render(Path(cfg.out) / "report.html", tmp_path)  # the report the job writes
@@ -108,8 +108,8 @@ def test_a_trial_can_be_a_ray_train_run_inside_tune(tmp_path):
     """execution.trial_executor: ray (the GPU-cluster mode), one cell, on CPU workers."""
     path, _ = tiny_config(tmp_path)
     data = yaml.safe_load(path.read_text())
-    data["grid"].update(d_sae=[1], train_rows=[256])
-    data["sparsity"] = {"search": "grid", "values": [1e-3]}
+    data["grid"].update(d_sae_over_h=[1], train_rows=[256])
+    data["sparsity"] = {"search": "grid", "sparsity_coeff": [1e-3]}
     data["baselines"] = {"neurons": False, "random": False, "relu": False}
     data["execution"] = {"trial_executor": "ray", "workers": 1, "cpus_per_trial": 0.5}
     path.write_text(yaml.safe_dump(data))

@@ -64,7 +64,7 @@ def test_study_on_an_object_store_resumes_from_the_store_alone(tmp_path, s3_serv
     out, acts = s3_server.uri("study"), s3_server.uri("acts")
     path = write_config(
         tmp_path, out, acts,
-        grid={"d_sae": [1], "train_rows": [256], "seeds": [0], "budget": "steps"},
+        grid={"d_sae_over_h": [1], "train_rows": [256], "seeds": [0], "budget": "steps"},
         sparsity={"search": "grid", "sparsity_coeff": [1e-3]},
         baselines={"neurons": True, "random": False, "relu": False})
     first = study(path, tmp_path / "node-a")

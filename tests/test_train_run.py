@@ -10,8 +10,9 @@ from atoms.core.errors import ConfigError, InputError, TrainingDiverged
 from atoms.sae.saelens import load_sae
 from atoms.train.batches import DataSplit, ShardBatches, epoch_files
 from atoms.train.checkpoint import find_checkpoints, load_checkpoint
+from atoms.train.job import TrainJob
 from atoms.train.loop import Trainer
-from atoms.train.run import TrainJob, train_local
+from atoms.train.run import train_local
 from tests.checks import crash_once_at
 from tests.faults import NaNAt
 from tests.shardsets import synthetic_shard_set

@@ -127,7 +127,8 @@ class PretrainedSAE:
     name: str
     """The unit set's name in result rows."""
     path: str
-    """Any layout ``atoms.evaluate.units.load_unit_set`` reads (SAELens, sparsify, Gemma/Llama Scope)."""
+    """Any layout ``atoms.evaluate.units.load_unit_set`` reads (SAELens, sparsify,
+    Gemma/Llama Scope)."""
 
 
 @dataclass
