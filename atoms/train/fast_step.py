@@ -76,12 +76,12 @@ class FastThresholdStep:
         return self.mode == "sparse"
 
     @torch.no_grad()
-    def __call__(self, batch: torch.Tensor, coeff: float):
+    def __call__(self, batch: torch.Tensor, sparsity_coeff: float):
         sae = self.sae
         x = batch * sae.input_scale
         if self.compiled and not self.sparse_now():
             self.last_path = "dense (compiled)"
-            return self._count(self._fused(x, coeff))
+            return self._count(self._fused(x, sparsity_coeff))
         if self.amp:
             bias = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.bias else sae.b_enc
             z = self._mm(x, sae.W_enc).add_(bias)
@@ -89,7 +89,7 @@ class FastThresholdStep:
             z = sae.pre_activations(x)
         self.last_path = "sparse" if self.sparse_now() else "dense"
         path = self._sparse if self.last_path == "sparse" else self._dense
-        return self._count(path(x, z, coeff))
+        return self._count(path(x, z, sparsity_coeff))
 
     def _count(self, terms):
         self.calls += 1

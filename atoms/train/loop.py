@@ -107,18 +107,18 @@ class SAEObjective(nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x: torch.Tensor, coeff: float):
+    def forward(self, x: torch.Tensor, sparsity_coeff: float):
         out = self.sae(x)
-        terms = self.sae.loss(out, coeff)
+        terms = self.sae.loss(out, sparsity_coeff)
         return terms.total, terms.mse.detach(), terms.l0, (out.codes.detach() != 0).any(0)
 
 
 def train_step(
     objective: nn.Module, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
-    batch: torch.Tensor, coeff: float,
+    batch: torch.Tensor, sparsity_coeff: float,
 ) -> tuple[torch.Tensor, ...]:
     """One forward/backward/update, constraints re-applied: (loss, mse, l0, fired) tensors."""
-    loss, mse, l0, fired = objective(batch, coeff)
+    loss, mse, l0, fired = objective(batch, sparsity_coeff)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -264,16 +264,16 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
     def step(self, batch: torch.Tensor) -> None:
         s, cfg = self.state, self.cfg
-        lr, coeff = schedule(s.step, cfg)
+        lr, sparsity_coeff = schedule(s.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.fast is not None:
-            loss, mse, l0, fired = self._fast_step(batch, coeff)
+            loss, mse, l0, fired = self._fast_step(batch, sparsity_coeff)
         else:
             loss, mse, l0, fired = train_step(self.objective, self.sae, self.optimizer, batch,
-                                              coeff)
+                                              sparsity_coeff)
         s.last_fired = torch.where(fired, s.step, s.last_fired)
-        self._window.append((s.step, lr, coeff, loss, mse, l0))
+        self._window.append((s.step, lr, sparsity_coeff, loss, mse, l0))
         s.step += 1
         if cfg.resample_every and s.step % cfg.resample_every == 0:
             if s.step <= cfg.resample_until * cfg.steps:
@@ -281,9 +281,9 @@ class Trainer:
         if s.step % cfg.log_every == 0 or s.step == cfg.steps:
             self.flush()
 
-    def _fast_step(self, batch: torch.Tensor, coeff: float):
+    def _fast_step(self, batch: torch.Tensor, sparsity_coeff: float):
         """The hand-written step; across workers the gradients are averaged in one buffer."""
-        terms = self.fast(batch, coeff)
+        terms = self.fast(batch, sparsity_coeff)
         if self.sync.world > 1:
             grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
             flat = self.sync.mean_(torch.cat([g.reshape(-1) for g in grads]))
@@ -321,8 +321,8 @@ class Trainer:
                                    step=first)
         means = self.sync.mean_(torch.stack([losses.mean(), torch.stack([w[4] for w in window])
                                              .mean(), torch.stack([w[5] for w in window]).mean()]))
-        step, lr, coeff = window[-1][:3]
-        row = {"step": step, "lr": lr, "sparsity_coeff": coeff, "loss": float(means[0]),
+        step, lr, sparsity_coeff = window[-1][:3]
+        row = {"step": step, "lr": lr, "sparsity_coeff": sparsity_coeff, "loss": float(means[0]),
                "mse": float(means[1]), "l0": float(means[2])}
         self.state.history.append(row)
         return row
