@@ -143,6 +143,31 @@ def test_too_much_data_for_a_pending_extraction_fails_before_extracting(tmp_path
     assert not (tmp_path / "acts").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"layers": [99]}, "layer 99 out of range: tiny-random has"),
+    ({"model": "atoms-test/no-such-model"}, "model 'atoms-test/no-such-model' is not available"),
+])
+def test_a_bad_model_or_layer_fails_before_ray_or_extraction(tmp_path, capsys, monkeypatch,
+                                                             change, message):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(scaling, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    data = yaml.safe_load(TINY.read_text())
+    data["out"], data["data"]["extract"]["out"] = str(tmp_path / "out"), str(tmp_path / "acts")
+    data["data"]["extract"].update(change)
+    code, err = run_cli(write_config(tmp_path, data), capsys)
+    assert code == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "acts").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_empty_grid_names_its_field_once(tmp_path, shards, capsys):
+    data = study_dict(shards, tmp_path / "out", **{"grid.d_sae_over_h": []})
+    code, err = run_cli(write_config(tmp_path, data), capsys)
+    assert code == 2 and "grid.d_sae_over_h: is empty" in err and "grid.grid" not in err
+
+
 def test_planned_split_of_the_tiny_config():
     cfg = from_dict(StudyConfig, yaml.safe_load(TINY.read_text()))
     # 80 windows of 16 tokens, 15 rows each (BOS dropped), 10 windows per shard, 3 held out

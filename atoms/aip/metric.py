@@ -42,7 +42,13 @@ class SecondMoment:
     """Streaming, mergeable second moment in float64.
 
     Uncentred (the paper's estimator): E[m mᵀ] = (1/n) Σ mᵢ mᵢᵀ.
-    Centred (ablation): E[m mᵀ] − m̄ m̄ᵀ.
+    Centred (ablation): E[(m − m̄)(m − m̄)ᵀ]. Its sums are kept about a shift c (the first
+    batch's mean), Σ(m − c) and Σ(m − c)(m − c)ᵀ, so that
+        cov = Σ(m − c)(m − c)ᵀ / n − (m̄ − c)(m̄ − c)ᵀ
+    loses no precision to a large shared offset. ``merge`` moves the other's sums to this shift
+    exactly (Chan et al.): with y = m − c₂ and δ = c₂ − c₁,
+        Σ(y + δ)(y + δ)ᵀ = Σyyᵀ + (Σy)δᵀ + δ(Σy)ᵀ + n δδᵀ.
+    Uncentred sums use c = 0.
     """
 
     def __init__(self, d: int, centred: bool = False):
@@ -51,13 +57,20 @@ class SecondMoment:
         self.d = d
         self.centred = centred
         self.n = 0
+        self.shift = torch.zeros(d, dtype=torch.float64)
         self.total = torch.zeros(d, dtype=torch.float64)
+        """Σ(m − shift)."""
         self.outer = torch.zeros(d, d, dtype=torch.float64)
+        """Σ(m − shift)(m − shift)ᵀ, upper triangle."""
 
     def update(self, batch) -> SecondMoment:
         """Add a (B, d) batch of activations; rejects NaN/Inf and wrong widths."""
         x = as_rows(batch, "batch", d=self.d).to(torch.float64)
         check_finite(x, "batch")
+        if self.centred:
+            if self.n == 0:
+                self.shift = x.mean(0)
+            x = x - self.shift
         syrk_upper_(self.outer, x)
         self.total += x.sum(0)
         self.n += x.shape[0]
@@ -70,15 +83,23 @@ class SecondMoment:
                 f"SecondMoment.merge: cannot merge d={other.d}, centred={other.centred} "
                 f"into d={self.d}, centred={self.centred}"
             )
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.shift = other.shift.clone()
+        delta = other.shift - self.shift
         self.outer += other.outer
-        self.total += other.total
+        if bool(delta.any()):
+            cross = torch.outer(other.total, delta)
+            self.outer += cross + cross.T + other.n * torch.outer(delta, delta)
+        self.total += other.total + other.n * delta
         self.n += other.n
         return self
 
     @property
     def mean(self) -> torch.Tensor:
         self._require_rows()
-        return self.total / self.n
+        return self.shift + self.total / self.n
 
     def matrix(self) -> torch.Tensor:
         """The (d, d) float64 second moment (or covariance when centred)."""
@@ -86,8 +107,8 @@ class SecondMoment:
         m2 = self.outer / self.n
         m2 = m2.triu() + m2.triu(1).T  # the update keeps the upper triangle only
         if self.centred:
-            mu = self.mean
-            m2 = m2 - torch.outer(mu, mu)
+            about_shift = self.total / self.n
+            m2 = m2 - torch.outer(about_shift, about_shift)
         return (m2 + m2.T) / 2
 
     def _require_rows(self):
@@ -179,6 +200,14 @@ class AIP:
     def inner(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """⟨u, v⟩_S̃ = uᵀ S̃ v, row by row (broadcasting)."""
         u, v = torch.as_tensor(u), torch.as_tensor(v)
+        if u.shape[-1:] != (self.d,) or v.shape[-1:] != (self.d,):
+            raise InputError(f"AIP.inner: rows of width d={self.d} expected, got shapes "
+                             f"{tuple(u.shape)} and {tuple(v.shape)}")
+        try:
+            torch.broadcast_shapes(u.shape, v.shape)
+        except RuntimeError:
+            raise InputError(f"AIP.inner: shapes {tuple(u.shape)} and {tuple(v.shape)} do not "
+                             "broadcast") from None
         return ((u @ self._cast(self.S, u)) * v).sum(-1)
 
     def norm(self, u: torch.Tensor) -> torch.Tensor:
@@ -192,6 +221,7 @@ class AIP:
     def normalise(self, directions: torch.Tensor) -> torch.Tensor:
         """Scale each row to unit AIP norm; zero rows are an error."""
         directions = torch.as_tensor(directions)
+        check_finite(directions, "AIP.normalise: directions")
         norms = self.norm(directions)
         if bool((norms <= 0).any()):
             raise InputError(f"AIP.normalise: {int((norms <= 0).sum())} zero-norm directions")
@@ -203,6 +233,7 @@ class AIP:
         Whitened ``chunk`` rows at a time into one float64 result (no full-size temporaries).
         """
         d = as_rows(directions, "directions", d=self.d)
+        check_finite(d, "directions")
         w = torch.empty(d.shape, dtype=torch.float64, device=d.device)
         for r0 in range(0, len(d), chunk):
             w[r0:r0 + chunk] = self.whiten(d[r0:r0 + chunk].to(torch.float64))

@@ -27,7 +27,7 @@ def _shard_moment(path: str, centred: bool, sha256: str | None = None, chunk: in
     moment = SecondMoment(x.shape[1], centred)
     for r0 in range(0, len(x), chunk):
         moment.update(x[r0 : r0 + chunk])
-    return moment.n, moment.total.numpy(), moment.outer.numpy()
+    return moment.n, moment.shift.numpy(), moment.total.numpy(), moment.outer.numpy()
 
 
 def fit_second_moment(folder: str | Path, centred: bool = False, progress: bool = True):
@@ -54,9 +54,10 @@ def fit_second_moment(folder: str | Path, centred: bool = False, progress: bool 
                disable=not progress)
     while pending:
         ready, pending = ray.wait(pending)
-        n, s, outer = ray.get(ready[0])
+        n, shift, s, outer = ray.get(ready[0])
         part = SecondMoment(d, centred)
-        part.n, part.total, part.outer = n, torch.tensor(s), torch.tensor(outer)
+        part.n, part.shift = n, torch.tensor(shift)
+        part.total, part.outer = torch.tensor(s), torch.tensor(outer)
         total.merge(part)
         bar.update(1)
     bar.close()

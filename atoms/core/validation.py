@@ -22,6 +22,19 @@ def as_rows(x, name: str, d: int | None = None) -> torch.Tensor:
     return t
 
 
+def as_counts(x, name: str) -> torch.Tensor:
+    """A non-empty 1-D float64 sample of counts (an L0 sample): finite and non-negative."""
+    t = torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x)).detach().cpu()
+    t = t.to(torch.float64).reshape(-1)
+    if t.numel() == 0:
+        raise InputError(f"{name}: empty sample")
+    check_finite(t, name)
+    if bool((t < 0).any()):
+        first = int((t < 0).nonzero()[0])
+        raise InputError(f"{name}: {int((t < 0).sum())} negative values (first at index {first})")
+    return t
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
     """Raise if ``x`` holds NaN or Inf, saying how many and where the first one is."""
     if x.is_floating_point():

@@ -143,8 +143,8 @@ def evaluate_unit_set(units: UnitSet, holdout: torch.Tensor, aip: AIP | None,
         if train_rows is not None:
             t = _sample(as_rows(train_rows, "train_rows", d=units.d).float(), len(x), seed)
             train_r2 = r2_scores(t, _sae_apply(sae, t)[1], aip)
-        sample_k = int((codes[:cfg.recovery_rows] != 0).sum(1).max()) if len(codes) else 0
-        if cfg.recovery_rows > 0 and sample_k <= cfg.recovery_max_k:
+        sampled = codes[:cfg.recovery_rows]
+        if len(sampled) and int((sampled != 0).sum(1).max()) <= cfg.recovery_max_k:
             recovery = l1_recovery_agreement(sae, x[:cfg.recovery_rows], aip, cfg.recovery_method)
     elif units.kind == "neurons":
         codes, recon, tol = x, x, cfg.neuron_tol

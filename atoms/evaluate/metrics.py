@@ -12,7 +12,7 @@ import torch
 
 from atoms.aip.metric import AIP
 from atoms.core.errors import InputError
-from atoms.core.validation import as_rows, check_finite
+from atoms.core.validation import as_counts, as_rows, check_finite
 from atoms.evaluate.threshold_counts import ThresholdCounts, below_at_levels
 
 R2_VARIANTS = ("euclid_centred", "euclid_uncentred", "aip_centred", "aip_uncentred")
@@ -25,15 +25,20 @@ class R2Accumulator:
     """Streaming R² in all four variants (float64 sums, mergeable across batches).
 
     R² = 1 − Σᵢ ‖mᵢ − m̂ᵢ‖² / Σᵢ ‖mᵢ − m̄‖²  (centred)  or  / Σᵢ ‖mᵢ‖²  (uncentred),
-    with ‖v‖² = vᵀv (Euclidean) or vᵀ S̃ v (AIP). Centred sums use Σ‖m−m̄‖² = Σ‖m‖² − n‖m̄‖².
+    with ‖v‖² = vᵀv (Euclidean) or vᵀ S̃ v (AIP). The centred sum is kept about a shift c (the
+    first batch's mean), Σ‖m − m̄‖² = Σ‖m − c‖² − n‖m̄ − c‖², so a large shared offset costs no
+    precision. The centred R² of constant activations is NaN (no variance to explain).
     """
 
     def __init__(self, d: int, aip: AIP | None = None):
         self.d = d
         self.S = (aip or AIP.euclidean(d)).S
         self.n = 0
+        self.shift: torch.Tensor | None = None
         self.total = torch.zeros(d, dtype=torch.float64)
+        """Σ(m − shift)."""
         self.sq = {"euclid": 0.0, "aip": 0.0}
+        self.sq_shifted = {"euclid": 0.0, "aip": 0.0}
         self.res = {"euclid": 0.0, "aip": 0.0}
 
     def _norms(self, v: torch.Tensor) -> dict[str, float]:
@@ -46,11 +51,16 @@ class R2Accumulator:
             raise InputError(f"R²: {tuple(x.shape)} activations vs {tuple(x_hat.shape)} recons")
         check_finite(x, "activations")
         check_finite(x_hat, "reconstructions")
+        if self.shift is None:
+            self.shift = x.mean(0)
+        shifted = x - self.shift
         for key, value in self._norms(x).items():
             self.sq[key] += value
+        for key, value in self._norms(shifted).items():
+            self.sq_shifted[key] += value
         for key, value in self._norms(x - x_hat).items():
             self.res[key] += value
-        self.total += x.sum(0)
+        self.total += shifted.sum(0)
         self.n += x.shape[0]
         return self
 
@@ -58,12 +68,11 @@ class R2Accumulator:
         """{'euclid_centred': …, 'euclid_uncentred': …, 'aip_centred': …, 'aip_uncentred': …}."""
         if self.n == 0:
             raise InputError("R²: no rows accumulated")
-        mean = self.total / self.n
-        centre = self._norms(mean[None])
+        centre = self._norms((self.total / self.n)[None])  # ‖m̄ − c‖²
         out = {}
         for key in ("euclid", "aip"):
             for centred in (True, False):
-                denom = self.sq[key] - (self.n * centre[key] if centred else 0.0)
+                denom = (self.sq_shifted[key] - self.n * centre[key]) if centred else self.sq[key]
                 name = f"{key}_{'centred' if centred else 'uncentred'}"
                 out[name] = 1.0 - self.res[key] / denom if denom > 0 else float("nan")
         return out
@@ -84,7 +93,7 @@ def l0_per_row(codes, tol: float = 0.0) -> torch.Tensor:
 
 def l0_summary(l0: torch.Tensor) -> dict[str, float]:
     """Mean, median, 90th percentile and max of an L0 sample; fraction of empty codes."""
-    k = torch.as_tensor(l0).to(torch.float64)
+    k = as_counts(l0, "l0")
     qs = torch.quantile(k, torch.tensor([0.5, 0.9], dtype=torch.float64))
     return {
         "l0_mean": float(k.mean()),
@@ -225,6 +234,7 @@ def coherence(
 def local_coherence(codes, directions, aip: AIP | None = None, tol: float = 0.0) -> np.ndarray:
     """μᵢ = max over pairs j ≠ k in supp(δᵢ) of |Gⱼₖ| (0 when |supp| < 2), per activation."""
     codes = as_rows(codes, "codes")
+    check_finite(codes, "codes")
     w = (aip or AIP.euclidean(directions.shape[1])).whitened_units(directions)
     if codes.shape[1] != w.shape[0]:
         raise InputError(f"codes have {codes.shape[1]} units but directions {w.shape[0]}")
@@ -295,7 +305,7 @@ def q_star(
     per_unit: the same crossing with the per-unit coherence μⱼ = maxᵢ≠ⱼ |Gᵢⱼ|.
     per_activation: fraction of activations with local μᵢ < 1/(2Kᵢ − 1) (needs ``local``).
     """
-    k = np.asarray(torch.as_tensor(l0).cpu(), dtype=np.float64).reshape(-1)
+    k = as_counts(l0, "l0").numpy()
     if reading == "pairwise":
         counted = coh.counts is not None and np.array_equal(coh.counted_l0, k)
         return q_star_crossing(coh.counts if counted else coh.pairwise, k)

@@ -13,12 +13,13 @@ from scipy.optimize import linprog
 
 from atoms.aip.metric import AIP
 from atoms.core.errors import InputError
-from atoms.core.validation import as_rows
+from atoms.core.validation import as_rows, check_finite
 
 
 def _whitened(signals, atoms, aip: AIP | None) -> tuple[np.ndarray, np.ndarray]:
     atoms = as_rows(atoms, "atoms")
     signals = as_rows(signals, "signals", d=atoms.shape[1])
+    check_finite(signals, "signals")
     aip = aip or AIP.euclidean(atoms.shape[1])
     dict_cols = aip.whitened_units(atoms).numpy().T  # (H, N), unit columns
     sig = aip.whiten(signals.to(torch.float64)).numpy()  # (B, H)

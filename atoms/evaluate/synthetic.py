@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from atoms.aip.metric import AIP
 from atoms.core.config import require
 from atoms.core.errors import InputError
+from atoms.core.validation import as_rows, check_finite
 
 
 @dataclass
@@ -89,6 +90,16 @@ def welch_bound(d: int, n: int) -> float:
 def _max_coherence(w: torch.Tensor) -> float:
     g = (w @ w.T).abs_().fill_diagonal_(0.0)
     return float(g.max())
+
+
+def _unit_rows(x, name: str) -> torch.Tensor:
+    """Rows of ``x`` scaled to unit norm; NaN/Inf or zero rows are an InputError naming them."""
+    w = as_rows(x, f"match_atoms: {name}").to(torch.float64)
+    check_finite(w, f"match_atoms: {name}")
+    zero = w.norm(dim=1) == 0
+    if bool(zero.any()):
+        raise InputError(f"match_atoms: {name}: row {int(zero.nonzero()[0])} is zero")
+    return _unit(w)
 
 
 def _unit(w: torch.Tensor) -> torch.Tensor:
@@ -214,8 +225,7 @@ class AtomMatch:
 def match_atoms(learned, true) -> AtomMatch:
     """Hungarian matching of learned to true directions on |cos| (Euclidean; parallel
     directions are parallel in every metric)."""
-    lw = _unit(torch.as_tensor(learned, dtype=torch.float64))
-    tw = _unit(torch.as_tensor(true, dtype=torch.float64))
+    lw, tw = _unit_rows(learned, "learned"), _unit_rows(true, "true")
     if lw.shape[1] != tw.shape[1]:
         raise InputError(f"match_atoms: widths {lw.shape[1]} and {tw.shape[1]} differ")
     cos = (tw @ lw.T).abs().numpy()

@@ -22,7 +22,7 @@ from atoms.core.errors import ConfigError, InputError
 from atoms.core.io import code_version
 from atoms.extract.corpus import iter_documents, token_windows
 from atoms.extract.hooks import SITES, HookPoint, check_hook_points, extract_rows
-from atoms.extract.models import LoadedModel, load_model
+from atoms.extract.models import LoadedModel, load_model, num_layers
 from atoms.extract.shard_store import (
     finished_layer_shards,
     layer_rel,
@@ -206,3 +206,13 @@ def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Pa
         )
         written.append(save_layer_manifest(cfg.out, p.site, p.layer, manifest))
     return written
+
+
+def check_model_layers(cfg: ExtractConfig) -> None:
+    """The model exists and has every asked-for layer, read from its config file alone (no
+    weights, no Ray): an unknown model or a layer out of range is one line."""
+    depth = num_layers(cfg.model, cfg.revision)
+    bad = [layer for layer in cfg.layers if layer >= depth]
+    if bad:
+        raise InputError(f"layer {bad[0]} out of range: {cfg.model} has {depth} layers "
+                         f"(0..{depth - 1})")

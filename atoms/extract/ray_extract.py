@@ -13,16 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from atoms.core.config import from_dict, to_dict
-from atoms.core.errors import InputError
 from atoms.extract.extraction import (
     ExtractConfig,
     ShardExtractor,
     build_windows,
+    check_model_layers,
     claim_output,
     pending_shards,
     write_manifests,
 )
-from atoms.extract.models import load_tokenizer, model_revision, num_layers
+from atoms.extract.models import load_tokenizer, model_revision
 from atoms.store.ray_env import ensure_ray, worker_env
 
 
@@ -45,11 +45,7 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> list[Path | str
     Finished shards (sidecar present, checksum verified) are skipped, so a killed run resumes.
     Returns the manifest paths, one per (site, layer) (stored URIs when ``out`` is a URI).
     """
-    depth = num_layers(cfg.model, cfg.revision)
-    bad = [layer for layer in cfg.layers if layer >= depth]
-    if bad:
-        raise InputError(f"layer {bad[0]} out of range: {cfg.model} has {depth} layers "
-                         f"(0..{depth - 1})")
+    check_model_layers(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     claim_output(cfg)
     windows = build_windows(cfg, tokenizer)

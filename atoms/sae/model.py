@@ -275,6 +275,8 @@ class ThresholdSAE(SparseAutoencoder):
         for atoms of unit AIP norm with coherence ε.
         """
         atoms = as_rows(atoms, "atoms", d=aip.d).float()
+        check_finite(atoms, "atoms")
+        check_finite(torch.as_tensor(threshold, dtype=torch.float32), "threshold")
         n, d = atoms.shape
         cfg = SAEConfig(d_in=d, d_sae=n, bias=False, decoder_norm="none", init_threshold=0.0)
         sae = cls(cfg)

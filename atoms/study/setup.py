@@ -9,6 +9,7 @@ from atoms.aip.fit import AIPFitConfig, ensure_layer_aip
 from atoms.core.config import to_dict
 from atoms.core.errors import ConfigError
 from atoms.core.io import code_version
+from atoms.extract.extraction import check_model_layers
 from atoms.extract.ray_extract import run_extraction
 from atoms.extract.shard_store import load_layer_manifest, local_layer
 from atoms.extract.shards import MANIFEST, layer_folder, load_manifest
@@ -41,6 +42,7 @@ def precheck(cfg: StudyConfig) -> None:
         manifest = load_layer_manifest(folder)  # a stored one is read, not its shards
         check_against_manifest(cfg, manifest, redact(folder))
     else:
+        check_model_layers(ex)
         train, held = planned_split(cfg)
         check_scale(cfg, train, held, f"data.extract (max_tokens={ex.max_tokens})")
 
