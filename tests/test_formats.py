@@ -128,16 +128,39 @@ def test_exported_threshold_sae_runs_as_topk_in_sparsify_formula(tmp_path):
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(N) * 0.2)
         sae.input_scale.fill_(0.5)
-    export_sparsify(sae, tmp_path / "sp", k=K)
+    x = x_rows()
+    export_sparsify(sae, tmp_path / "sp", approximate_with_topk=K, sample=torch.from_numpy(x))
     from safetensors.numpy import load_file
 
     w = load_file(tmp_path / "sp" / "sae.safetensors")
-    x = x_rows()
     with torch.no_grad():
         pre = sae.encode(torch.from_numpy(x))[1].numpy()
     codes, _ = sparsify_forward(w, x, K)
     close(codes, topk_scatter(np.maximum(pre, 0), K) / 0.5)
-    one_line_error(lambda: export_sparsify(sae, tmp_path / "sp2"), "k=None")
+    one_line_error(lambda: export_sparsify(sae, tmp_path / "sp2"), "not a TopK coder",
+                   "approximate_with_topk")
+    assert not (tmp_path / "sp2").exists()
+
+
+def test_a_threshold_sae_exports_to_sparsify_only_as_a_measured_approximation(tmp_path, capsys):
+    sae = ThresholdSAE(SAEConfig(d_in=D, d_sae=N, seed=1, init_threshold=0.05))
+    x = torch.from_numpy(x_rows())
+    one_line_error(lambda: export_sparsify(sae, tmp_path / "a", approximate_with_topk=K),
+                   "needs sample=")
+    one_line_error(lambda: export_sparsify(sae, tmp_path / "a", approximate_with_topk=0,
+                                           sample=x), "approximate_with_topk=0")
+    assert not (tmp_path / "a").exists()
+    export_sparsify(sae, tmp_path / "b", approximate_with_topk=K, sample=x)
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "b" / "atoms_approximation.json").read_text())
+    codes, pre = sae.encode(x.float())
+    l0 = (codes != 0).sum(1)
+    kept = float((l0 == K).float().mean())  # only rows with exactly K active keep their set
+    assert report["active_set_kept"] <= kept + 1e-9 and report["rows"] == len(x)
+    assert 0.0 <= report["active_set_jaccard"] <= 1.0
+    assert report["r2_original"] != report["r2_topk"]
+    assert f"{report['active_set_kept']:.1%} of {len(x)} rows keep their active set" in printed
+    assert import_sparsify(tmp_path / "b").cfg.k == K
 
 
 def test_sparsify_bad_inputs(tmp_path):

@@ -17,8 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from atoms.aip.r2 import r2_scores
 from atoms.core.errors import ConfigError, InputError
 from atoms.core.io import CHECKSUMS, atomic_folder
+from atoms.core.validation import as_rows, check_finite
 from atoms.sae.model import SAEConfig, SparseAutoencoder, ThresholdSAE, TopKSAE
 from atoms.sae.saelens import (
     CFG,
@@ -47,19 +49,45 @@ def _cfg(path: Path, **kwargs) -> SAEConfig:
 # encode: pre = ReLU((x − b_dec) encoder.weightᵀ + encoder.bias), top-k of pre;
 # decode: x̂ = Σ top_acts · W_dec[top_indices] + b_dec.
 SPARSIFY_CFG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
+APPROXIMATION = "atoms_approximation.json"
+"""Written beside a sparsify export that approximates a threshold or ReLU SAE by TopK."""
 _SPARSIFY_UNSUPPORTED = ("transcode", "skip_connection", "embed_skip", "gram_lookup")
 
 
-def export_sparsify(sae: SparseAutoencoder, folder: str | Path, k: int | None = None) -> Path:
-    """Write ``sae`` as a sparsify TopK coder keeping ``k`` latents (default: a TopKSAE's k).
+def export_sparsify(sae: SparseAutoencoder, folder: str | Path,
+                    approximate_with_topk: int | None = None, sample=None) -> Path:
+    """Write ``sae`` as a sparsify TopK coder: exactly for a TopK SAE (its own k).
 
     Folds s as for SAELens: encoder.bias = b_enc/s, b_dec' = b_dec/s, so ReLU+top-k selects
-    the same latents (pre' = pre/s) and x̂ is unchanged. A threshold/ReLU SAE becomes TopK.
+    the same latents (pre' = pre/s) and x̂ is unchanged. A threshold or ReLU SAE is not a TopK
+    coder (its gate is a threshold, not a count): it is exported only when the caller asks for
+    the approximation TopK_k(ReLU(pre)) with ``approximate_with_topk=k`` and passes ``sample``
+    rows, on which the active-set agreement and the R² change are measured, printed and written
+    to ``atoms_approximation.json``.
     """
     folder = Path(folder)
-    k = sae.cfg.k if k is None and sae.cfg.kind == "topk" else k
-    if not isinstance(k, int) or not 1 <= k <= sae.cfg.d_sae:
-        raise InputError(f"{folder}: k={k!r} must be an integer in [1, d_sae={sae.cfg.d_sae}]")
+    kind, n_latents = sae.cfg.kind, sae.cfg.d_sae
+    if kind == "topk":
+        k = sae.cfg.k
+    elif approximate_with_topk is None:
+        raise InputError(f"{folder}: a {kind} SAE is not a TopK coder, and sparsify's layout "
+                         "would drop its thresholds; pass approximate_with_topk=k and sample= "
+                         "rows to export a measured approximation")
+    else:
+        k = approximate_with_topk
+    if not isinstance(k, int) or not 1 <= k <= n_latents:
+        raise InputError(f"{folder}: approximate_with_topk={k!r} must be an integer in "
+                         f"[1, d_sae={n_latents}]")
+    approximation = None
+    if kind != "topk":
+        if sample is None:
+            raise InputError(f"{folder}: approximate_with_topk needs sample= rows to measure "
+                             "the approximation on")
+        approximation = topk_approximation(sae, sample, k)
+        print(f"sparsify export of a {kind} SAE as TopK k={k}: "
+              f"{approximation['active_set_kept']:.1%} of {approximation['rows']} rows keep "
+              f"their active set (mean Jaccard {approximation['active_set_jaccard']:.3f}); "
+              f"R² {approximation['r2_original']:.4f} → {approximation['r2_topk']:.4f}")
     s = float(sae.input_scale)
     d, n = sae.cfg.d_in, sae.cfg.d_sae
     b_dec = sae.b_dec.detach() if sae.cfg.bias else torch.zeros(d)
@@ -70,9 +98,29 @@ def export_sparsify(sae: SparseAutoencoder, folder: str | Path, k: int | None = 
            "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d}
     with atomic_folder(folder) as tmp:
         (tmp / SPARSIFY_CFG).write_text(json.dumps(cfg, indent=1) + "\n")
+        if approximation is not None:
+            (tmp / APPROXIMATION).write_text(json.dumps(approximation, indent=1) + "\n")
         save_file({key: v.float().contiguous() for key, v in tensors.items()},
                   tmp / SPARSIFY_WEIGHTS)
     return folder
+
+
+@torch.no_grad()
+def topk_approximation(sae: SparseAutoencoder, sample, k: int) -> dict:
+    """How far TopK_k(ReLU(pre)) is from ``sae`` on ``sample`` rows (input units): the fraction
+    of rows whose active set is unchanged, the mean Jaccard of the active sets, and the
+    centred Euclidean R² of both reconstructions."""
+    x = as_rows(sample, "sample", d=sae.cfg.d_in).float()
+    check_finite(x, "sample")
+    codes, pre = sae.encode(x)
+    values, index = torch.relu(pre).topk(k, dim=-1)
+    approx = torch.zeros_like(pre).scatter(-1, index, values)
+    a, b = codes != 0, approx != 0
+    union = (a | b).sum(1).clamp_min(1)
+    return {"k": k, "rows": len(x), "active_set_kept": float((a == b).all(1).float().mean()),
+            "active_set_jaccard": float(((a & b).sum(1) / union).mean()),
+            "r2_original": r2_scores(x, sae.decode(codes))["euclid_centred"],
+            "r2_topk": r2_scores(x, sae.decode(approx))["euclid_centred"]}
 
 
 def import_sparsify(folder: str | Path) -> TopKSAE:
