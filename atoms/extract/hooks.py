@@ -17,8 +17,8 @@ from torch import nn
 
 from atoms.core.errors import InputError
 from atoms.extract.models import transformer_layers
+from atoms.extract.shards import SITES
 
-SITES = ("resid_post", "mlp_key", "mlp_out")
 POSITIONS = ("all", "no_bos", "last")
 
 # Name of the MLP's down projection in each supported block layout.

@@ -32,6 +32,19 @@ from atoms.store.storage import Storage, is_remote, local_path
 log = logging.getLogger(__name__)
 
 SITES = ("resid_post", "mlp_key", "mlp_out")
+TRANSFORMER_LENS_HOOKS = {"resid_post": "blocks.{layer}.hook_resid_post",
+                          "mlp_key": "blocks.{layer}.mlp.hook_post",
+                          "mlp_out": "blocks.{layer}.hook_mlp_out"}
+"""Each site's hook in the TransformerLens naming that SAELens attaches SAEs by."""
+
+
+def hook_name(site: str, layer: int) -> str:
+    """The TransformerLens hook of (site, layer), e.g. ``blocks.5.hook_resid_post``."""
+    if site not in TRANSFORMER_LENS_HOOKS:
+        raise InputError(f"site {site!r} is unknown (choose from {', '.join(SITES)})")
+    return TRANSFORMER_LENS_HOOKS[site].format(layer=int(layer))
+
+
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 MANIFEST = "manifest.json"
 INT_COLUMNS = {"token_id": pa.int32(), "doc_id": pa.int64(), "position": pa.int32()}
@@ -357,6 +370,15 @@ class Manifest:
     config: dict
     code_version: str = field(default_factory=current_code_version)
     created: str = field(default_factory=_now)
+
+    def sae_metadata(self) -> dict:
+        """What SAELens's ``metadata`` block says about where an SAE trained on these shards
+        attaches: model, TransformerLens hook, context size, dataset, BOS (and our positions)."""
+        return {"model_name": self.model, "hook_name": hook_name(self.site, self.layer),
+                "hook_head_index": None, "context_size": self.context_len,
+                "dataset_path": self.corpus,
+                "prepend_bos": bool(self.config.get("prepend_bos", True)),
+                "model_revision": self.revision, "positions": self.positions}
 
     def __post_init__(self):
         require(self.site in SITES, "site", f"expected one of {list(SITES)}, got {self.site!r}")

@@ -322,7 +322,8 @@ LOOKED_FOR = ("a folder with cfg.json + sae_weights.safetensors (ours/SAELens)",
 
 
 def load_any_sae(path: str | Path) -> tuple[SparseAutoencoder, str]:
-    """Detect the SAE layout at ``path`` and load it; returns (sae, layout)."""
+    """Detect the SAE layout at ``path`` and load it; returns (sae, layout). A SAELens-layout
+    SAE says in ``sae.provenance`` whether it is ours, with its ``atoms`` block intact."""
     path = Path(path)
     layout = _detect(path)
     if layout is None:

@@ -15,6 +15,7 @@ the saved weights so that they work on raw inputs with SAELens's forward pass
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from atoms.core.config import from_dict, to_dict
 from atoms.core.errors import AtomsError, InputError
 from atoms.core.io import CHECKSUMS, atomic_folder, code_version, file_sha256
 from atoms.sae.model import SAEConfig, SparseAutoencoder, build_sae
+
+log = logging.getLogger(__name__)
 
 CFG, WEIGHTS, METRIC = "cfg.json", "sae_weights.safetensors", "atoms_metric.safetensors"
 # SAELens registry names (sae_lens/saes/{jumprelu,standard,topk}_sae.py: architecture()).
@@ -214,7 +217,14 @@ def _check_expect(cfg: SAEConfig, expect: SAEConfig, path: Path) -> None:
 
 
 def load_sae(folder: str | Path, expect: SAEConfig | None = None) -> SparseAutoencoder:
-    """Read an SAE folder (ours or plain SAELens) into an SAE with the input scale unfolded."""
+    """Read an SAE folder (ours or plain SAELens) into an SAE with the input scale unfolded.
+
+    ``sae.provenance`` says which it got: ``layout`` 'atoms' (our cfg.json with its ``atoms``
+    block: the exact SAEConfig and input scale) or 'saelens' (a plain SAELens folder; SAELens
+    drops the ``atoms`` block and the metric file when it re-saves one of ours, so the config
+    is inferred and the input scale is 1), whether an AIP ``metric`` file was there, and the
+    SAELens ``metadata`` (model, hook, context size, dataset).
+    """
     folder = Path(folder)
     raw = read_sae_cfg(folder)
     ours = "atoms" in raw
@@ -254,7 +264,14 @@ def load_sae(folder: str | Path, expect: SAEConfig | None = None) -> SparseAutoe
         _check_expect(cfg, expect, cfg_path)
     theta = None if theta is None else theta * s
     sae = assemble(cfg, w_enc, w_dec, b_enc * s, b_dec * s, theta, s)
-    if (folder / METRIC).exists():
+    has_metric = (folder / METRIC).exists()
+    if has_metric:
         metric = take(read_tensors(folder / METRIC), "metric", (d, d), folder / METRIC, why)
         sae.metric.copy_(metric)
+    sae.provenance = {"layout": "atoms" if ours else "saelens", "metric": has_metric,
+                      "metadata": raw.get("metadata") or {}}
+    if not ours:
+        log.info("%s: a plain SAELens folder (no atoms block; re-saved by SAELens?): input "
+                 "scale 1, architecture read from its cfg.json, %s", folder,
+                 "AIP metric file found" if has_metric else "no AIP metric")
     return sae

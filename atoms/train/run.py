@@ -28,6 +28,7 @@ from atoms.core.errors import InputError, TrainingDiverged
 from atoms.core.io import code_version
 from atoms.evaluate.evaluator import evaluate_sae
 from atoms.extract.shard_store import local_layer
+from atoms.extract.shards import load_manifest
 from atoms.sae.model import SAEConfig, SparseAutoencoder, build_sae, input_scale
 from atoms.sae.saelens import save_sae
 from atoms.store.storage import Storage, is_remote, mirror_path, pull_file, redact, redact_all
@@ -90,8 +91,11 @@ class Prepared:
         return redact(run.aip) if is_remote(run.aip) else Storage(run.data).show(AIP_FILE)
 
     def metadata(self) -> dict:
+        """SAELens's metadata of every checkpoint and the final SAE: where it attaches (model,
+        hook, context size, dataset; from the shards' manifest) and the data it trained on."""
         data = redact(self.job.run.data) if is_remote(self.job.run.data) else str(self.split.folder)
-        return {"data": data, "holdout_shards": self.job.run.holdout_shards}
+        return {**load_manifest(self.split.folder).sae_metadata(), "data": data,
+                "holdout_shards": self.job.run.holdout_shards}
 
     def on_this_node(self) -> Prepared:
         """This job with its data and AIP paths on this node (a Ray worker on another node
