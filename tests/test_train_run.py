@@ -73,6 +73,40 @@ def test_the_final_sae_loads_and_matches_the_last_checkpoint(finished, shard_set
         assert torch.allclose(sae(rows).recon, ck_sae(rows).recon, atol=1e-5)
 
 
+def test_every_saved_sae_says_where_it_attaches(finished, shard_set):
+    out, m = finished
+    folders = [out / "sae", *find_checkpoints(out / "checkpoints")]
+    for folder in folders:
+        meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+        assert meta["hook_name"] == "blocks.0.hook_resid_post"
+        assert meta["model_name"] == "synthetic" and meta["context_size"] == 64
+        assert meta["dataset_path"] == "synthetic" and meta["hook_head_index"] is None
+        assert meta["data"] == str(shard_set) and meta["positions"] == "all"
+    sae = load_sae(out / "sae")
+    assert sae.provenance["layout"] == "atoms" and sae.provenance["metadata"]["hook_name"]
+
+
+def test_a_folder_resaved_by_saelens_loads_and_says_so(finished, tmp_path, caplog):
+    import logging
+    import shutil
+
+    out, _ = finished
+    resaved = tmp_path / "resaved"
+    shutil.copytree(out / "sae", resaved)
+    cfg = json.loads((resaved / "cfg.json").read_text())
+    ours = load_sae(out / "sae")
+    del cfg["atoms"]  # what SAELens's save_model writes back: its own fields only
+    (resaved / "cfg.json").write_text(json.dumps(cfg))
+    (resaved / "checksums.json").unlink()
+    with caplog.at_level(logging.INFO, logger="atoms.sae.saelens"):
+        plain = load_sae(resaved)
+    assert plain.provenance == {"layout": "saelens", "metric": False,
+                                "metadata": cfg["metadata"]}
+    assert "no atoms block" in caplog.text
+    x = torch.randn(32, ours.cfg.d_in)
+    assert torch.allclose(plain(x).recon, ours(x).recon, atol=1e-5)
+
+
 def test_rerunning_a_finished_run_returns_its_metrics(finished, shard_set):
     out, m = finished
     assert train_local(job(shard_set, out), progress=False) == m
