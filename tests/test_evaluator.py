@@ -150,3 +150,21 @@ def test_bad_input_is_a_one_line_error():
         UnitEvalConfig(recovery_method="lasso")
     with pytest.raises(ConfigError, match="local_rows"):
         UnitEvalConfig(local_rows=0)
+
+
+def test_duplicate_pairs_are_counted_in_the_aip_geometry():
+    from atoms.evaluate.metrics import duplicates
+
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    d[4] = -2.0 * d[1]  # parallel (opposite sign) in every metric
+    d[5] = d[2] + 1e-4 * torch.randn(5, generator=g, dtype=torch.float64)
+    count, later = duplicates(d)
+    assert count == 2 and later.tolist() == [False, False, False, False, True, True]
+    stretch = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0, 1e6], dtype=torch.float64))
+    e = torch.tensor([[1.0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0.1], [0, 1.0, 0, 0, 0]])
+    assert duplicates(e)[0] == 1 and duplicates(e, stretch)[0] == 0  # apart under S̃
+    units = UnitSet("twins", "random", d.float())
+    row = evaluate_unit_set(units, torch.randn(40, 5, generator=g), None,
+                            UnitEvalConfig(local_rows=8, random_k=2))
+    assert row["duplicate_pairs"] == 2.0

@@ -34,6 +34,7 @@ from atoms.evaluate.metrics import (
     R2Accumulator,
     coherence,
     dead_fraction,
+    duplicates,
     l0_per_row,
     l0_summary,
     local_coherence,
@@ -124,7 +125,8 @@ def evaluate_unit_set(units: UnitSet, holdout: torch.Tensor, aip: AIP | None,
     (R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² or / Σ‖x‖², Euclidean or AIP; train_ only for an SAE
     with ``train_rows``), l0_mean/median/p90/max, empty_fraction, l0_mean_tol0, dead_fraction,
     coherence_max/median/p99/exact, q_star_pairwise/per_unit/per_activation,
-    uniqueness_pct = 100·mean 1[μ < 1/(2Kᵢ − 1)], rip_bound = (K_median − 1)μ, rip_holds,
+    uniqueness_pct = 100·mean 1[μ < 1/(2Kᵢ − 1)], duplicate_pairs (pairs with AIP |cos| > 0.99),
+    rip_bound = (K_median − 1)μ, rip_holds,
     recovery_support_exact/jaccard (SAE only), omp_k (OMP-coded sets only), eval_seconds.
     ``seed`` picks which rows are sampled when there are more than ``cfg.sparsity_rows``.
     """
@@ -178,6 +180,7 @@ def evaluate_unit_set(units: UnitSet, holdout: torch.Tensor, aip: AIP | None,
     row["q_star_per_unit"] = q_star(coh, l0, "per_unit")
     row["q_star_per_activation"] = q_star(coh, l0[:n_local], "per_activation", local)
     row["uniqueness_pct"] = 100.0 * uniqueness_satisfied(coh.mu, l0)
+    row["duplicate_pairs"] = float(duplicates(units.directions, aip.S if aip else None)[0])
     row["rip_bound"] = rip_bound(coh.mu, row["l0_median"])
     row["rip_holds"] = float(row["rip_bound"] < 1.0)
     row["recovery_support_exact"] = float(recovery["support_exact"])

@@ -189,6 +189,33 @@ def local_coherence(codes, directions, aip: AIP | None = None, tol: float = 0.0)
     return out
 
 
+DUPLICATE_COS = 0.99
+"""Two units whose directions have |cos_S̃| above this count as one duplicated pair."""
+
+
+def duplicates(directions, metric: torch.Tensor | None = None, threshold: float = DUPLICATE_COS,
+               block: int = 1024) -> tuple[int, torch.Tensor]:
+    """Pairs i < j of near-parallel units, |cos_S̃(dᵢ, dⱼ)| = |dᵢᵀ S̃ dⱼ| / (‖dᵢ‖_S̃ ‖dⱼ‖_S̃) >
+    ``threshold`` (S̃ = ``metric``, Euclidean when None): (their count, a mask of every unit
+    that duplicates an earlier one). Blocks of ``block`` rows, so N² is never held."""
+    d = as_rows(directions, "directions").detach().to(torch.float64)
+    check_finite(d, "directions")
+    s = metric.detach().to(device=d.device, dtype=torch.float64) \
+        if metric is not None else None
+    sd = d @ s if s is not None else d
+    norms = (sd * d).sum(1).clamp_min(1e-300).sqrt()[:, None]
+    units, s_units = d / norms, sd / norms
+    n, count = len(d), 0
+    later = torch.zeros(n, dtype=torch.bool, device=d.device)
+    cols = torch.arange(n, device=d.device)
+    for r0 in range(0, n, block):
+        rows = cols[r0:r0 + block, None]
+        hit = ((s_units[r0:r0 + block] @ units.T).abs() > threshold) & (cols[None] > rows)
+        count += int(hit.sum())
+        later |= hit.any(0)
+    return count, later
+
+
 # -- stability q* and its relatives ----------------------------------------------------------
 def uniqueness_threshold(k) -> np.ndarray:
     """t(K) = 1/(2K − 1) for K > ½, +∞ otherwise (an empty code is trivially unique)."""

@@ -21,6 +21,7 @@ from atoms.aip.metric import AIP
 from atoms.core.config import require
 from atoms.core.errors import InputError, TrainingDiverged
 from atoms.core.validation import as_rows, check_finite
+from atoms.evaluate.metrics import duplicates
 from atoms.sae.model import SparseAutoencoder
 from atoms.train.batches import TensorBatches
 from atoms.train.fast_step import FastThresholdStep, StepMode, fast_step_applies
@@ -48,6 +49,10 @@ class TrainConfig:
     """Every this many steps, re-initialise latents that did not fire in the window (0: off)."""
     resample_until: float = 0.6
     """Stop resampling after this fraction of the steps."""
+    resample_duplicates: bool = False
+    """Resampling also re-initialises the later latent of every pair whose decoder rows are
+    near-parallel in the SAE's metric (|cos| > 0.99, ``atoms.evaluate.metrics.duplicates``);
+    once resampling has stopped, such a latent is switched off instead (merged into its twin)."""
     dead_window: int = 1000
     """A latent that has not fired for this many steps counts as dead."""
     log_every: int = 50
@@ -220,6 +225,35 @@ def resample_dead_(
     return idx.numel()
 
 
+@torch.no_grad()
+def silence_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, which: torch.Tensor,
+             gen: torch.Generator, sync: Sync | None = None) -> int:
+    """Latents ``which`` never fire again: encoder column and b_enc zero (so z = 0 ≤ θ), θ the
+    largest live threshold (off the STE window), decoder row a random unit direction; their
+    Adam moments are reset. Rank 0 draws the directions and broadcasts. Returns the count."""
+    sync = sync or Sync()
+    idx = which.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return 0
+    if sync.rank == 0:
+        new = torch.randn(idx.numel(), sae.cfg.d_in, generator=gen).to(sae.W_dec)
+        sae.W_dec[idx] = new / new.norm(dim=1, keepdim=True)
+    sae.W_enc[:, idx] = 0.0
+    sae.b_enc[idx] = 0.0
+    touched = [(sae.W_dec, 0), (sae.W_enc, 1), (sae.b_enc, 0)]
+    if hasattr(sae, "threshold"):
+        live = sae.threshold[~which]
+        sae.threshold[idx] = live.max() if live.numel() else sae.cfg.init_threshold
+        touched.append((sae.threshold, 0))
+    sync.broadcast_([p.data for p, _ in touched])
+    for p, dim in touched:
+        state = optimizer.state.get(p)
+        for key in ("exp_avg", "exp_avg_sq") if state else ():
+            state[key].index_fill_(dim, idx, 0.0)
+    sae.constrain_()
+    return idx.numel()
+
+
 @dataclass
 class TrainState:
     """Everything besides weights and optimiser that a resumed run needs."""
@@ -232,6 +266,10 @@ class TrainState:
     last_fired: torch.Tensor | None = None
     """Per latent, the last step at which it fired (−1: never)."""
     resampled: int = 0
+    duplicates_resampled: int = 0
+    """Of ``resampled``, the latents that duplicated an earlier one (not dead)."""
+    duplicates_silenced: int = 0
+    """Duplicating latents switched off after resampling stopped (``resample_until``)."""
     history: list[dict] = field(default_factory=list)
     """One row per ``log_every`` steps: means over the window."""
     evals: list[dict] = field(default_factory=list)
@@ -278,6 +316,8 @@ class Trainer:
         if cfg.resample_every and s.step % cfg.resample_every == 0:
             if s.step <= cfg.resample_until * cfg.steps:
                 self._resample(batch)
+            elif cfg.resample_duplicates:
+                self._silence_duplicates()
         if s.step % cfg.log_every == 0 or s.step == cfg.steps:
             self.flush()
 
@@ -302,9 +342,21 @@ class Trainer:
 
     def _resample(self, batch: torch.Tensor) -> None:
         dead = self.dead(self.cfg.resample_every)
+        if self.cfg.resample_duplicates:  # every rank holds the same weights
+            twins = duplicates(self.sae.W_dec, self.sae.metric)[1]
+            self.state.duplicates_resampled += int((twins & ~dead).sum())
+            dead = dead | twins
         n = resample_dead_(self.sae, self.optimizer, batch, dead, self.gen, self.sync)
         self.state.resampled += n
         self.state.last_fired[dead] = self.state.step - 1
+
+    def _silence_duplicates(self) -> None:
+        """After resampling has stopped, a latent that duplicates an earlier one is merged into
+        it: it stops firing (its twin then takes all of their shared activations) and its
+        decoder row points elsewhere, so the final dictionary holds each direction once."""
+        twins = duplicates(self.sae.W_dec, self.sae.metric)[1]
+        n = silence_(self.sae, self.optimizer, twins, self.gen, self.sync)
+        self.state.duplicates_silenced += n
 
     def flush(self) -> dict | None:
         """Check the window for a non-finite loss (stop with its step), then log its means."""
