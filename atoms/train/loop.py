@@ -49,7 +49,7 @@ class TrainConfig:
     """Every this many steps, re-initialise latents that did not fire in the window (0: off)."""
     resample_until: float = 0.6
     """Stop resampling after this fraction of the steps."""
-    resample_duplicates: bool = False
+    resample_duplicates: bool = True
     """Resampling also re-initialises the later latent of every pair whose decoder rows are
     near-parallel in the SAE's metric (|cos| > 0.99, ``atoms.evaluate.metrics.duplicates``);
     once resampling has stopped, such a latent is switched off instead (merged into its twin)."""
