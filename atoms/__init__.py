@@ -1,7 +1,7 @@
 """atoms: find the atoms of large language models (Atom Theory) and measure them.
 
 One subpackage per stage, in the order of the data flow; a stage imports only the ones before
-it, and ``import ray`` stands only in the ``ray_*`` modules:
+it, and only the ``ray_*`` modules use Ray:
 
     core → store → extract → aip → sae → evaluate → train → study
 """

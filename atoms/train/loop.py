@@ -185,6 +185,22 @@ class TorchDistributedSync(Sync):
         return torch.stack(out)
 
 
+def _share_new_latents(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
+                       idx: torch.Tensor, sync: Sync) -> int:
+    """Give every rank rank 0's new weights of latents ``idx``, reset their Adam moments and
+    re-apply the constraints; returns how many latents changed."""
+    touched = [(sae.W_dec, 0), (sae.W_enc, 1), (sae.b_enc, 0)]
+    if hasattr(sae, "threshold"):
+        touched.append((sae.threshold, 0))
+    sync.broadcast_([p.data for p, _ in touched])
+    for p, dim in touched:
+        state = optimizer.state.get(p)
+        for key in ("exp_avg", "exp_avg_sq") if state else ():
+            state[key].index_fill_(dim, idx, 0.0)
+    sae.constrain_()
+    return idx.numel()
+
+
 @torch.no_grad()
 def resample_dead_(
     sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
@@ -213,16 +229,7 @@ def resample_dead_(
             if hasattr(sae, "threshold"):
                 live = sae.threshold[~dead]
                 sae.threshold[idx] = live.median() if live.numel() else sae.cfg.init_threshold
-    touched = [(sae.W_dec, 0), (sae.W_enc, 1), (sae.b_enc, 0)]
-    if hasattr(sae, "threshold"):
-        touched.append((sae.threshold, 0))
-    sync.broadcast_([p.data for p, _ in touched])
-    for p, dim in touched:
-        state = optimizer.state.get(p)
-        for key in ("exp_avg", "exp_avg_sq") if state else ():
-            state[key].index_fill_(dim, idx, 0.0)
-    sae.constrain_()
-    return idx.numel()
+    return _share_new_latents(sae, optimizer, idx, sync)
 
 
 @torch.no_grad()
@@ -240,18 +247,10 @@ def silence_(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, which: to
         sae.W_dec[idx] = new / new.norm(dim=1, keepdim=True)
     sae.W_enc[:, idx] = 0.0
     sae.b_enc[idx] = 0.0
-    touched = [(sae.W_dec, 0), (sae.W_enc, 1), (sae.b_enc, 0)]
     if hasattr(sae, "threshold"):
         live = sae.threshold[~which]
         sae.threshold[idx] = live.max() if live.numel() else sae.cfg.init_threshold
-        touched.append((sae.threshold, 0))
-    sync.broadcast_([p.data for p, _ in touched])
-    for p, dim in touched:
-        state = optimizer.state.get(p)
-        for key in ("exp_avg", "exp_avg_sq") if state else ():
-            state[key].index_fill_(dim, idx, 0.0)
-    sae.constrain_()
-    return idx.numel()
+    return _share_new_latents(sae, optimizer, idx, sync)
 
 
 @dataclass
