@@ -71,3 +71,18 @@ def test_centred_r2_at_a_large_offset(offset):
     x_hat = x + 0.3 * torch.randn(x.shape, dtype=torch.float64)
     r2 = r2_scores(x, x_hat)
     assert abs(r2["euclid_centred"] - two_pass_r2(x, x_hat)) <= 1e-9
+
+
+def test_the_ray_fit_of_a_centred_moment_equals_one_pass(tmp_path, ray_session):
+    from atoms.aip.ray_moment import fit_second_moment
+    from atoms.extract.shards import ShardSet
+    from atoms.train.batches import read_rows
+    from tests.shardsets import write_shard_set
+
+    folder = write_shard_set(tmp_path / "resid_post" / "layer_0", offset_rows(1e5).float(), 5)
+    s = ShardSet.open(folder)
+    rows = read_rows(s.paths, s.d, s.rows)
+    one = SecondMoment(s.d, centred=True).update(rows)
+    by_tasks = fit_second_moment(folder, centred=True, progress=False)
+    assert by_tasks.n == one.n
+    assert rel(by_tasks.matrix().numpy(), one.matrix().numpy()) <= 1e-9
