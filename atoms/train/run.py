@@ -255,7 +255,7 @@ def train_local(job: TrainJob, progress: bool = True, hooks: Iterable[Hook] = ()
                      eval_every=prep.eval_every, checkpointer=checkpointer,
                      hooks=(timer, *hooks), progress=progress)
     except TrainingDiverged as e:
-        last = folder.newest_checkpoint()
+        last = folder.newest_checkpoint(pull=False)  # what this run published last
         shown = folder.show(last.relative_to(folder.local).as_posix()) if last else None
         msg = folder.write_diverged(e, shown)
         raise TrainingDiverged(msg, step=e.step) from None

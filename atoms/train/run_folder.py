@@ -151,9 +151,11 @@ class RunFolder:
         self.prune_stored(CHECKPOINTS, "step_*", find_checkpoints(root))
         return written
 
-    def newest_checkpoint(self) -> Path | None:
-        """The newest complete plain-executor checkpoint (pulled from the store when remote)."""
-        self.pull_checkpoint(CHECKPOINTS, "step_*")
+    def newest_checkpoint(self, pull: bool = True) -> Path | None:
+        """The newest complete plain-executor checkpoint here (first brought in line with the
+        store when remote, unless ``pull`` is False)."""
+        if pull:
+            self.pull_checkpoint(CHECKPOINTS, "step_*")
         found = find_checkpoints(self.local / CHECKPOINTS)
         return found[-1] if found else None
 
