@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.geometry_step
 	$(PY) -m benchmarks.train
 	$(PY) -m benchmarks.sweep
 	$(PY) -m benchmarks.q_star

@@ -20,11 +20,11 @@ from atoms.core.errors import InputError
 TABLE = "results.parquet"
 ROWS = "rows"
 REQUIRED = ("unit_set", "family", "status", "r2_euclid_centred")
-GROUP = ["model", "site", "layer", "unit_set", "family", "d_sae_over_h", "train_rows"]
+GROUP = ["model", "site", "layer", "unit_set", "family", "d_sae_over_h", "train_rows", "k"]
 R2 = ["r2_euclid_centred", "r2_euclid_uncentred", "r2_aip_centred", "r2_aip_uncentred"]
 METRICS: list[str] = [*R2, *(f"train_{m}" for m in R2), "q_star_pairwise", "q_star_per_unit",
                       "q_star_per_activation", "uniqueness_pct", "l0_mean", "dead_fraction",
-                      "mono_score"]
+                      "mono_score", "stability_matched_fraction", "stability_pw_mcc"]
 """Metric columns ``aggregate`` summarises (those present in the table)."""
 PRIMARY_R2, PRIMARY_Q = "r2_euclid_centred", "q_star_pairwise"
 LEVEL = 0.95
@@ -142,8 +142,11 @@ HEADLINE = {f"{PRIMARY_R2}_mean": "r2_mean", f"{PRIMARY_R2}_lo": "r2_lo",
             f"{PRIMARY_R2}_hi": "r2_hi", f"{PRIMARY_Q}_mean": "q_star_mean",
             f"{PRIMARY_Q}_lo": "q_star_lo", f"{PRIMARY_Q}_hi": "q_star_hi",
             "uniqueness_pct_mean": "uniqueness_pct", "l0_mean_mean": "l0",
-            "dead_fraction_mean": "dead_fraction", "mono_score_mean": "mono_score"}
-ORDER = {"neurons": 0, "relu": 1, "tsae": 2, "random": 3, "pretrained": 4}
+            "dead_fraction_mean": "dead_fraction", "mono_score_mean": "mono_score",
+            "stability_matched_fraction_mean": "stability_matched",
+            "stability_pw_mcc_mean": "stability_pw_mcc"}
+ORDER = {"neurons": 0, "relu": 1, "topk": 2, "tsae_aip_centred": 3, "tsae": 4, "tsae_aip": 5,
+         "exemplar": 6, "random": 7, "pretrained": 8}
 
 
 def at_largest(rows: pd.DataFrame) -> pd.DataFrame:

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.aggregate import at_largest, best, interval_table, load_results
+from analysis.aggregate import ORDER, at_largest, best, interval_table, load_results
 from analysis.summary import markdown
 from atoms.core.errors import AtomsError, InputError
 from atoms.core.io import atomic_path
 from atoms.evaluate.units import UnitSet, load_unit_set
 from atoms.extract.shards import ShardSet, is_shard_set, read_shard
-from atoms.store.results import MONOSEMANTICITY, publish_results, pull_results
+from atoms.store.results import MONOSEMANTICITY, ResultStore, publish_results, pull_results
 from atoms.store.storage import is_remote, locate
 
 log = logging.getLogger(__name__)
@@ -242,11 +242,14 @@ def _holdout(study: Path) -> int:
         return 1
 
 
-def _unit_sets(b: pd.DataFrame) -> list[tuple[UnitSet, pd.Series]]:
-    """Neurons; random at its largest |D|; atoms, relu features (largest |D|, then |M|) and
-    pretrained SAEs from their checkpoints; the lowest seed of each."""
+def _unit_sets(b: pd.DataFrame, study: Path) -> list[tuple[UnitSet, pd.Series]]:
+    """Every unit set of the study at its largest |D| (then |M|), the lowest seed of each:
+    neurons; random; exemplars from their stored directions (codes: projections); atoms,
+    features (ReLU, TopK, centred-whitening JumpReLU) and pretrained SAEs from their
+    checkpoints."""
     out = []
-    for fam in ("neurons", "random", "tsae", "relu", "pretrained"):
+    families = sorted(b["family"].dropna().unique(), key=lambda f: (ORDER.get(f, len(ORDER)), f))
+    for fam in families:
         rows = b[b["family"] == fam]
         for name in rows["unit_set"].unique():
             pick = at_largest(rows[rows["unit_set"] == name])
@@ -257,12 +260,17 @@ def _unit_sets(b: pd.DataFrame) -> list[tuple[UnitSet, pd.Series]]:
             elif fam == "random":
                 out.append((UnitSet.random(h, int(row["d_sae"]), int(row.get("seed", 0)),
                                            name), row))
+            elif fam == "exemplar":
+                dirs = ResultStore(study).read_units(row["trial_key"], name)
+                out.append((UnitSet.projections(name, "exemplar", dirs, row.get("unit_source")
+                                                or ""), row))
             else:
                 path = row.get("checkpoint_path")
                 if not isinstance(path, str) or not locate(path).exists():
                     log.warning("%s: checkpoint %s not found; skipping it", name, path)
                     continue
-                out.append((load_unit_set(str(locate(path)), KIND[fam], name), row))
+                kind = row.get("unit_kind") or KIND.get(fam, "features")
+                out.append((load_unit_set(str(locate(path)), kind, name), row))
     return out
 
 
@@ -286,7 +294,7 @@ def run_harness(study_folder, n_units: int = 16, top_k: int = 8, judge=None, *,
     ``decode`` defaults to the study model's tokenizer (token ids when it cannot be loaded)."""
     study = Path(study_folder)
     b = best(load_results(study))
-    picks = _unit_sets(b)
+    picks = _unit_sets(b, study)
     if not picks:
         raise InputError(f"{study}: no unit sets to inspect")
     if decode is None:

@@ -31,15 +31,32 @@ from atoms.store.results import publish_results, pull_results
 from atoms.store.storage import is_remote
 
 UNIT_COLUMNS = {"unit_set": "unit set", "family": "family", "d_sae_over_h": "|D|/H",
-                "train_rows": "|M|", "n_seeds": "seeds", "r2_euclid_centred": "R²",
-                "r2_aip_centred": "R² (AIP)", "train_r2_euclid_centred": "train R²",
+                "train_rows": "|M|", "k": "k / K", "n_seeds": "seeds",
+                "r2_euclid_centred": "R²", "r2_aip_centred": "R² (AIP)",
+                "train_r2_euclid_centred": "train R²", "train_r2_aip_centred": "train R² (AIP)",
                 "q_star_pairwise": "q* pairwise", "q_star_per_unit": "q* per unit",
                 "q_star_per_activation": "q* per activation", "uniqueness_pct": "unique %",
-                "l0_mean": "L0", "dead_fraction": "dead", "mono_score": "mono score"}
+                "l0_mean": "L0", "dead_fraction": "dead", "mono_score": "mono score",
+                "stability_matched_fraction": "seed-stable (|cos_S̃| ≥ 0.9)",
+                "stability_pw_mcc": "PW-MCC"}
 HEADLINE_COLUMNS = {"model": "model", "layer": "layer", "unit_set": "unit set",
-                    "d_sae_over_h": "|D|/H", "train_rows": "|M|", "r2": "R² (held out)",
-                    "q_star": "q* (pairwise)", "uniqueness_pct": "unique %", "l0": "L0",
-                    "dead_fraction": "dead", "mono_score": "mono score", "n_seeds": "seeds"}
+                    "d_sae_over_h": "|D|/H", "train_rows": "|M|", "k": "k / K",
+                    "r2": "R² (held out)", "q_star": "q* (pairwise)",
+                    "uniqueness_pct": "unique %", "l0": "L0", "dead_fraction": "dead",
+                    "stability_matched": "seed-stable", "stability_pw_mcc": "PW-MCC",
+                    "mono_score": "mono score", "n_seeds": "seeds"}
+UNIT_SET_NOTES = [
+    "**atoms**: threshold SAEs trained with a Euclidean loss; **atoms_aip**: trained in the "
+    "AIP geometry (loss ‖m − m̂‖²_S̃, atoms of unit AIP norm, the paper's uncentred S̃); "
+    "**jumprelu_centred_whitening**: the same on centred covariance-whitened rows (the peers' "
+    "normalisation, a control).",
+    "**relu_features** / **topk_features**: ReLU + L1 and TopK SAEs. **random**: random "
+    "directions, OMP codes. **exemplar_kK**: |D| training rows stored as directions, K-sparse "
+    "OMP codes in the AIP geometry: it learns nothing, so a learned set whose score it "
+    "matches has shown no more than memorisation.",
+    "Stability columns: the share of a set's units found again (Hungarian, |cos_S̃| ≥ 0.9) by "
+    "another seed, and the pairwise mean max-cosine, both over seed pairs (– with one seed).",
+]
 DSTAR_COLUMNS = {"train_rows": "|M|", "status": "status", "level": "R² level",
                  "d_star": "|D|*", "d_star_over_h": "|D|*/H", "largest_rise": "largest rise",
                  "at_d_over_h": "at |D|/H", "n_seeds": "seeds"}
@@ -217,10 +234,35 @@ def overview(doc: Doc, table: pd.DataFrame) -> None:
           f"{'study' if len(studies) == 1 else 'studies'}: {', '.join(map(str, studies))}. "
           "Metrics are on held-out test rows, best λ per cell (lowest validation objective), "
           "mean and 95% Student-t interval over seeds (– where fewer than two seeds).")
-    doc.h("Headline: neurons, features, atoms, random")
-    doc.table(tidy(headline(table), HEADLINE_COLUMNS))
+    doc.h("Headline: neurons, features, atoms, controls")
+    heads = headline(table)
+    doc.table(tidy(heads, HEADLINE_COLUMNS))
+    doc.bullets(UNIT_SET_NOTES + control_verdicts(heads))
     doc.h("Unit sets at every |D| and |M|")
     doc.table(tidy(aggregate(table), UNIT_COLUMNS))
+
+
+LEARNED = ("tsae", "tsae_aip", "tsae_aip_centred", "relu", "topk", "pretrained")
+
+
+def control_verdicts(heads: pd.DataFrame) -> list[str]:
+    """One line per learned unit set of the headline: its held-out R² against the best
+    exemplar control's (at the L0s shown; the sets are not at matched sparsity unless the
+    study made them so)."""
+    lines = []
+    if heads.empty or not {"r2", "l0", "family"} <= set(heads):
+        return lines
+    for key, g in _groups(heads):
+        ex = g[(g["family"] == "exemplar") & g["r2"].notna()]
+        if ex.empty:
+            continue
+        top = ex.loc[ex["r2"].idxmax()]
+        for r in g[g["family"].isin(LEARNED) & g["r2"].notna()].itertuples():
+            above = "above" if r.r2 > top["r2"] else "**not above**"
+            lines.append(f"{r.unit_set} ({_where(key)}): held-out R² {r.r2:.3f} at L0 "
+                         f"{r.l0:.1f}, {above} the exemplar control {top['unit_set']} "
+                         f"({top['r2']:.3f} at L0 {top['l0']:.1f}).")
+    return lines
 
 
 def scaling(doc: Doc, table: pd.DataFrame) -> None:

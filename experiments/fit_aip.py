@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     for folder in layer_folders(root):
         path, aip, rows = fit_layer_aip(folder, cfg.aip, progress=not args.quiet)
         manifest = load_layer_manifest(folder)
-        where = f"{path} and {redact(layer_aip_uri(folder))}" if is_remote(folder) else path
+        stored = redact(layer_aip_uri(folder, cfg.aip.centred))
+        where = f"{path} and {stored}" if is_remote(folder) else path
         print(f"{manifest.site} layer {manifest.layer}: {rows} rows, condition number "
               f"{aip.condition_number:.3g}, {aip.n_floored} floored → {where}")
 

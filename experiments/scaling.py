@@ -24,6 +24,7 @@ from pathlib import Path
 
 from analysis.monosemanticity import run_harness
 from analysis.report import REPORT_FILES, build_report
+from analysis.stability import with_stability
 from analysis.summary import summarise
 from atoms.core.cli import config_parser, load_config, run
 from atoms.core.errors import AtomsError
@@ -42,10 +43,11 @@ class StudyIncomplete(AtomsError):
     """Some trials failed; their rows are missing until a rerun completes them."""
 
 
-def finish(cfg: StudyConfig, store: ResultStore) -> tuple[str, Path, Path, Path]:
-    """results.parquet, summary.md, monosemanticity/ and the report, built in a local folder
-    (``out`` itself, or its node mirror) and published to ``out`` when it is a URI."""
-    table_path, table = store.write_table()
+def finish(cfg: StudyConfig, store: ResultStore, aip=None) -> tuple[str, Path, Path, Path]:
+    """results.parquet (with cross-seed stability under S̃ ``aip``), summary.md,
+    monosemanticity/ and the report, built in a local folder (``out`` itself, or its node
+    mirror) and published to ``out`` when it is a URI."""
+    table_path, table = store.write_table(with_stability(store.table(), store, aip))
     local = pull_results(cfg.out)
     summary_path = summarise(table, local)
     print(summary_path.read_text())
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
           f"(H = {ctx.h}, {redact(folder)})", flush=True)
     write_plan(cfg, todo, total)
     failed = run_sweep(ctx, todo, done, progress=progress)
-    table_path, summary_path, report_html, report_md = finish(cfg, store)
+    table_path, summary_path, report_html, report_md = finish(cfg, store, ctx.aip())
     print(f"results: {redact(table_path)}\nsummary: {summary_path}\nreport: {report_html}\n"
           f"markdown: {report_md}\nwall time {time.perf_counter() - start:.0f} s")
     if failed:

@@ -3,9 +3,12 @@
 For every (ε, K) cell it measures, on held-out activations with known atoms and supports:
   closed_form_tsae   the theorem's TSAE (W_enc = Dᵀ S̃, W_dec = D, τ mid-interval)
   closed_form_relu   the same encoder with τ = 0 (ReLU: cross-talk leaks through)
-  trained_tsae       a threshold SAE trained from random initialisation
+  trained_tsae       a threshold SAE trained from random initialisation (Euclidean geometry)
   trained_relu       a ReLU + L1 SAE trained the same way
-and writes one Parquet row per (cell, unit set) plus a PNG of the four maps.
+  *_aip              the same two trained in the AIP geometry (loss ‖m − m̂‖²_S̃, unit AIP atoms)
+and writes one Parquet row per (cell, unit set) plus a PNG of the four maps. Trained sets also
+get the SAELens synthetic benchmark's scores (MCC, uniqueness, F1, shrinkage;
+``atoms.evaluate.ground_truth``).
 
     python experiments/synthetic.py [--config experiments/configs/synthetic.yaml] [--out DIR]
 """
@@ -19,15 +22,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from atoms.aip.metric import AIP, SecondMoment
 from atoms.core.cli import config_parser, load_config, run
 from atoms.core.config import require, to_dict
 from atoms.core.io import atomic_path, code_version
+from atoms.evaluate.ground_truth import ground_truth_scores
 from atoms.evaluate.metrics import coherence, l0_summary, q_star, r2_scores, theorem_interval
 from atoms.evaluate.recovery import support_agreement
 from atoms.evaluate.synthetic import (
@@ -41,7 +47,8 @@ from atoms.sae.model import SAEConfig, ThresholdSAE, build_sae
 from atoms.train.loop import TrainConfig, train_sae
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "synthetic.yaml"
-UNIT_SETS = ("closed_form_tsae", "closed_form_relu", "trained_tsae", "trained_relu")
+UNIT_SETS = ("closed_form_tsae", "closed_form_relu", "trained_tsae", "trained_relu",
+             "trained_tsae_aip", "trained_relu_aip")
 
 
 @dataclass
@@ -54,6 +61,9 @@ class SyntheticStudyConfig(AtomSetShape):
     """Training activations per cell."""
     eval_samples: int = 2000
     """Held-out activations per cell."""
+    condition: float = 10.0
+    """Condition number of the map A that takes the AIP-whitened atoms to activation space (1:
+    the Euclidean and AIP geometries agree)."""
     latents_per_atom: int = 2
     """Trained SAE width = latents_per_atom · N."""
     train_saes: bool = True
@@ -65,6 +75,11 @@ class SyntheticStudyConfig(AtomSetShape):
     the study sets d_in, d_sae, kind and seed."""
     relu_sparsity_coeff: float = 0.1
     """The ReLU SAE's sparsity coefficient (its L1 weight)."""
+    geometries: list[str] = field(default_factory=lambda: ["euclidean", "aip"])
+    """Geometries the SAEs are trained in; 'aip' adds trained_tsae_aip and trained_relu_aip."""
+    aip_source: Literal["estimated", "true"] = "estimated"
+    """The AIP geometry's S̃: E[mmᵀ]⁻¹ of the training activations (what a user has), or the
+    planted (A Aᵀ)⁻¹."""
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str = "results/synthetic"
 
@@ -78,6 +93,8 @@ class SyntheticStudyConfig(AtomSetShape):
             require(1 <= k <= self.n_atoms, "ks", f"values must be in 1..n_atoms, got {k}")
         require(self.eval_samples >= 10, "eval_samples", "must be at least 10")
         require(self.latents_per_atom >= 1, "latents_per_atom", "must be at least 1")
+        require(len(self.geometries) > 0 and set(self.geometries) <= {"euclidean", "aip"},
+                "geometries", f"must list 'euclidean' and/or 'aip', got {self.geometries}")
 
 
 def _codes_in_true_order(codes: torch.Tensor, assignment: np.ndarray) -> torch.Tensor:
@@ -100,7 +117,7 @@ def _evaluate(sae, ev: SyntheticAtoms, assignment: np.ndarray | None = None) -> 
     row["l0_excess"] = row["l0_mean"] - float((ev.codes > 0).sum(1).double().mean())
     residual = ev.activations - out.recon.double()
     row["recon_error_aip_max"] = float(ev.aip.norm(residual).max())
-    coh = coherence(sae.W_dec.detach(), ev.aip)  # under the ground-truth metric
+    coh = coherence(sae.directions, ev.aip)  # under the ground-truth metric
     row["q_star_pairwise"] = q_star(coh, out.l0)
     row["coherence_max"] = coh.mu
     return row
@@ -120,26 +137,56 @@ def _closed_form(atoms: SyntheticAtoms, ev: SyntheticAtoms) -> list[dict]:
     return rows
 
 
-def _trained(cfg: SyntheticStudyConfig, atoms: SyntheticAtoms, ev: SyntheticAtoms, progress):
-    rows = []
+def _variants(cfg: SyntheticStudyConfig) -> dict[str, tuple[SAEConfig, TrainConfig]]:
     d_sae = cfg.latents_per_atom * cfg.n_atoms
-    variants = {
+    base = {
         "trained_tsae": (dataclasses.replace(cfg.sae, d_in=cfg.d, d_sae=d_sae, seed=cfg.seed),
                          cfg.train),
         "trained_relu": (SAEConfig(d_in=cfg.d, d_sae=d_sae, kind="relu", bias=cfg.sae.bias,
                                    seed=cfg.seed),
                          dataclasses.replace(cfg.train, sparsity_coeff=cfg.relu_sparsity_coeff)),
     }
-    for name, (sae_cfg, train_cfg) in variants.items():
+    out = {}
+    for geometry in cfg.geometries:
+        suffix = "" if geometry == "euclidean" else f"_{geometry}"
+        for name, (sae_cfg, train_cfg) in base.items():
+            out[name + suffix] = (dataclasses.replace(sae_cfg, geometry=geometry), train_cfg)
+    return out
+
+
+def _training_aip(cfg: SyntheticStudyConfig, atoms: SyntheticAtoms) -> AIP:
+    if cfg.aip_source == "true":
+        return atoms.aip
+    return AIP.from_moment(SecondMoment(cfg.d).update(atoms.activations), allow_floor=True)
+
+
+def ground_truth_row(sae, ev: SyntheticAtoms) -> dict:
+    """The SAELens synthetic benchmark's scores of ``sae`` on held-out planted activations."""
+    with torch.no_grad():
+        out = sae(ev.activations.float())
+        eye = torch.eye(sae.cfg.d_sae)
+        vectors = sae.decode(eye) - sae.decode(torch.zeros(1, sae.cfg.d_sae))
+    scores = ground_truth_scores(sae.directions, ev.atoms, out.codes, ev.codes, vectors,
+                                 out.recon, ev.activations, ev.aip)
+    return {k if k == "matching" else f"gt_{k}": v for k, v in scores.items()}
+
+
+def _trained(cfg: SyntheticStudyConfig, atoms: SyntheticAtoms, ev: SyntheticAtoms, progress):
+    rows = []
+    aip = _training_aip(cfg, atoms) if "aip" in cfg.geometries else None
+    for name, (sae_cfg, train_cfg) in _variants(cfg).items():
         sae = build_sae(sae_cfg)
         t0 = time.perf_counter()
-        result = train_sae(sae, atoms.activations.float(), train_cfg, progress=progress)
+        result = train_sae(sae, atoms.activations.float(), train_cfg, progress=progress,
+                           aip=aip if sae_cfg.geometry == "aip" else None)
         match = match_atoms(sae.directions, atoms.atoms)
-        row = {"unit_set": name, "train_seconds": time.perf_counter() - t0,
+        row = {"unit_set": name, "geometry": sae_cfg.geometry,
+               "aip_source": cfg.aip_source if sae_cfg.geometry == "aip" else None,
+               "train_seconds": time.perf_counter() - t0,
                "atom_recovery_099": match.recovery_rate(0.99),
                "atom_recovery_090": match.recovery_rate(0.90),
                "resampled": result.resampled,
-               **_evaluate(sae, ev, match.assignment)}
+               **_evaluate(sae, ev, match.assignment), **ground_truth_row(sae, ev)}
         if result.threshold_start is not None:
             row["threshold_mean_start"] = float(result.threshold_start.mean())
             row["threshold_mean_end"] = float(result.threshold_end.mean())
@@ -150,7 +197,7 @@ def _trained(cfg: SyntheticStudyConfig, atoms: SyntheticAtoms, ev: SyntheticAtom
 def run_cell(cfg: SyntheticStudyConfig, eps: float, k: int, progress: bool = False) -> list[dict]:
     """All unit sets for one (ε, K) cell; training and held-out data share the atoms."""
     shape = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(AtomSetShape)}
-    syn = SyntheticConfig(**shape, coherence=eps, k=k, exact_k=False,
+    syn = SyntheticConfig(**shape, coherence=eps, k=k, exact_k=False, condition=cfg.condition,
                           n_samples=cfg.n_samples + cfg.eval_samples)
     full = make_atom_set(syn)
     n = cfg.n_samples
@@ -174,6 +221,8 @@ def plot(table: pd.DataFrame, cfg: SyntheticStudyConfig, path: Path) -> None:
     panels = [("closed_form_tsae", "support_exact", "closed-form TSAE: exact supports"),
               ("closed_form_relu", "support_exact", "closed-form, τ = 0 (ReLU): exact supports"),
               ("trained_tsae", "atom_recovery_099", "trained TSAE: atoms at |cos| > 0.99"),
+              ("trained_tsae_aip", "atom_recovery_099",
+               "trained TSAE, AIP geometry: atoms at |cos| > 0.99"),
               ("trained_relu", "support_exact", "trained ReLU SAE: exact supports")]
     panels = [p for p in panels if p[0] in set(table.unit_set)]
     cols = min(2, len(panels))
@@ -228,7 +277,7 @@ def run_study(cfg: SyntheticStudyConfig, progress: bool = True) -> tuple[pd.Data
 
 def summary(table: pd.DataFrame) -> str:
     cols = ["epsilon", "k", "theorem_holds", "unit_set", "support_exact", "atom_recovery_099",
-            "l0_mean", "r2_euclid_centred", "q_star_pairwise"]
+            "gt_mcc", "gt_f1", "gt_shrinkage", "l0_mean", "r2_euclid_centred", "q_star_pairwise"]
     return table[[c for c in cols if c in table]].to_string(index=False, float_format="%.3f")
 
 

@@ -73,13 +73,6 @@ def test_decoder_constraints():
     assert torch.allclose(norms, torch.ones(5, dtype=torch.float64), atol=1e-5)
 
 
-def test_aip_encoder_init():
-    aip = AIP.from_moment(torch.diag(torch.tensor([4.0, 1.0, 0.25])))
-    sae = ThresholdSAE(SAEConfig(d_in=3, d_sae=5, init_encoder="aip", decoder_norm="none"))
-    sae.set_metric(aip)
-    assert torch.allclose(sae.W_enc, aip.S.float() @ sae.W_dec.T, atol=1e-6)
-
-
 def test_closed_form_constructor():
     atoms = torch.randn(6, 4, dtype=torch.float64)
     aip = AIP.from_moment(torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0])))

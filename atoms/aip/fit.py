@@ -18,6 +18,13 @@ from atoms.extract.shard_store import load_layer_manifest
 from atoms.store.storage import Storage, fetch, is_remote, mirror_path
 
 AIP_FILE = "aip.safetensors"
+AIP_CENTRED_FILE = "aip_centred.safetensors"
+"""The centred Cov⁻¹ (with its mean), beside the paper's uncentred S̃: the covariance-whitening
+control's geometry."""
+
+
+def aip_file(centred: bool = False) -> str:
+    return AIP_CENTRED_FILE if centred else AIP_FILE
 
 
 @dataclass
@@ -33,18 +40,19 @@ class AIPFitConfig:
         require(0 < self.floor < 1, "floor", f"must be in (0, 1), got {self.floor}")
 
 
-def layer_aip_uri(folder: Path | str) -> str:
-    """Where the S̃ of the layer folder ``folder`` lives (a path or a URI)."""
-    return Storage(folder).uri_of(AIP_FILE)
+def layer_aip_uri(folder: Path | str, centred: bool = False) -> str:
+    """Where the S̃ (or centred Cov⁻¹) of the layer folder ``folder`` lives (a path or a URI)."""
+    return Storage(folder).uri_of(aip_file(centred))
 
 
-def has_layer_aip(folder: Path | str) -> bool:
-    return Storage(folder).size(AIP_FILE) is not None
+def has_layer_aip(folder: Path | str, centred: bool = False) -> bool:
+    return Storage(folder).size(aip_file(centred)) is not None
 
 
 def fit_layer_aip(folder: Path | str, cfg: AIPFitConfig, progress: bool = True
                   ) -> tuple[Path, AIP, int]:
-    """Fit S̃ from every shard of ``folder`` and write ``folder/aip.safetensors``;
+    """Fit S̃ from every shard of ``folder`` and write ``folder/aip.safetensors`` (centred:
+    ``aip_centred.safetensors``);
     returns (path, S̃, rows). For a stored layer folder (URI) the file is written into the
     node mirror and then published beside the shards; the returned path is the mirror's."""
     manifest = load_layer_manifest(folder)
@@ -53,18 +61,20 @@ def fit_layer_aip(folder: Path | str, cfg: AIPFitConfig, progress: bool = True
     meta = {"model": manifest.model, "revision": manifest.revision, "site": manifest.site,
             "layer": manifest.layer, "rows": moment.n, "centred": cfg.centred,
             "positions": manifest.positions}
-    path = save_aip(aip, mirror_path(folder) / AIP_FILE, meta)
+    name = aip_file(cfg.centred)
+    path = save_aip(aip, mirror_path(folder) / name, meta)
     if is_remote(folder):
-        Storage(folder).put_file(path, AIP_FILE)
+        Storage(folder).put_file(path, name)
     return path, aip, moment.n
 
 
 def ensure_layer_aip(folder: Path | str, cfg: AIPFitConfig, progress: bool = True) -> str:
     """The S̃ of ``folder`` (path or URI), fitted from every shard when it is missing."""
-    if not has_layer_aip(folder):
+    if not has_layer_aip(folder, cfg.centred):
         _, aip, rows = fit_layer_aip(folder, cfg, progress)
-        print(f"fitted S̃ on {rows} rows (condition number {aip.condition_number:.3g})")
-    return layer_aip_uri(folder)
+        what = "centred Cov⁻¹" if cfg.centred else "S̃"
+        print(f"fitted {what} on {rows} rows (condition number {aip.condition_number:.3g})")
+    return layer_aip_uri(folder, cfg.centred)
 
 
 @functools.lru_cache(maxsize=4)

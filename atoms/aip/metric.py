@@ -129,6 +129,8 @@ class AIP:
     condition_number: float
     n_floored: int
     floor: float
+    mean: torch.Tensor | None = None
+    """The centre of a centred moment (S̃ = Cov⁻¹ about it); None for the uncentred E[mmᵀ]."""
 
     @property
     def d(self) -> int:
@@ -143,8 +145,9 @@ class AIP:
         Eigenvalues below ``floor · λ_max`` mark a singular or ill-conditioned moment: an error
         unless ``allow_floor``, in which case they are raised to the floor and counted.
         """
+        mean = None
         if isinstance(moment, SecondMoment):
-            rows = moment.n
+            rows, mean = moment.n, (moment.mean if moment.centred else None)
             moment = moment.matrix()
         m = torch.as_tensor(np.asarray(moment) if not torch.is_tensor(moment) else moment)
         m = m.to(torch.float64)
@@ -180,6 +183,7 @@ class AIP:
             condition_number=condition,
             n_floored=n_floored,
             floor=floor,
+            mean=mean,
         )
 
     @classmethod
@@ -248,12 +252,41 @@ class AIP:
         return w @ w.T
 
 
+@dataclass
+class Whitening:
+    """The map to the AIP geometry, x ↦ (x − c) P with P = S̃^{1/2}, and back, y ↦ y P⁻¹ + c.
+
+    ⟨u, v⟩_S̃ = (uP)·(vP), so Euclidean geometry after the map is the AIP geometry before it.
+    """
+
+    whiten: torch.Tensor
+    unwhiten: torch.Tensor
+    centre: torch.Tensor
+
+    @classmethod
+    def of(cls, aip: AIP) -> Whitening:
+        """From S̃ (and its centre, when centred): P⁻¹ = U Λ^{1/2} Uᵀ by inverting P in float64."""
+        p = aip.S_half.to(torch.float64)
+        centre = aip.mean if aip.mean is not None else torch.zeros(aip.d, dtype=torch.float64)
+        p_inv = torch.linalg.inv(p)
+        return cls(p, (p_inv + p_inv.T) / 2, centre.to(torch.float64))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.whiten, self.unwhiten, self.centre
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(x − c) P in float64."""
+        return (torch.as_tensor(x).to(torch.float64) - self.centre) @ self.whiten
+
+
 def save_aip(aip: AIP, path: str | Path, metadata: dict | None = None) -> Path:
     """Write S̃, S̃^{1/2} and the eigenvalues as safetensors, with JSON metadata (atomic)."""
     meta = {"condition_number": aip.condition_number, "n_floored": aip.n_floored,
             "floor": aip.floor, **(metadata or {})}
     tensors = {"S": aip.S.contiguous(), "S_half": aip.S_half.contiguous(),
                "eigenvalues": aip.eigenvalues.contiguous()}
+    if aip.mean is not None:
+        tensors["mean"] = aip.mean.contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"atoms": json.dumps(meta)})
     return Path(path)
@@ -267,9 +300,12 @@ def load_aip(path: str | Path) -> tuple[AIP, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("atoms", "{}"))
-            t = {k: f.get_tensor(k) for k in ("S", "S_half", "eigenvalues")}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # S, S_half, eigenvalues (, mean)
     except Exception as e:  # safetensors raises several types for damaged files
         raise InputError(f"{path}: not a readable AIP file ({type(e).__name__})") from None
+    missing = {"S", "S_half", "eigenvalues"} - set(t)
+    if missing:
+        raise InputError(f"{path}: not an AIP file (missing {sorted(missing)})")
     aip = AIP(t["S"], t["S_half"], t["eigenvalues"], float(meta["condition_number"]),
-              int(meta["n_floored"]), float(meta["floor"]))
+              int(meta["n_floored"]), float(meta["floor"]), t.get("mean"))
     return aip, meta

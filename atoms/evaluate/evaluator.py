@@ -9,8 +9,9 @@ kind has:
 
 - SAE-backed (``sae`` given): the SAE's codes and x̂ = SAE(x), batched under no_grad.
 - neurons: δ = x and x̂ = x (R² = 1 by construction); unit j is active when |xᵢⱼ| > tol.
-- random, or any set without an encoder: K-sparse OMP codes δ of the AIP-unit directions
-  (on ≤ ``local_rows`` rows), x̂ = Σⱼ δⱼ dⱼ / ‖dⱼ‖_S̃ in input units.
+- random, exemplar, or any set without an encoder: K-sparse OMP codes δ of the AIP-unit
+  directions (on ≤ ``local_rows`` rows), x̂ = Σⱼ δⱼ dⱼ / ‖dⱼ‖_S̃ in input units; train R² the
+  same way on ``train_rows``.
 - any other set with an encoder: δ = encode(x), x̂ = δ D (D the unit-norm directions); this
   ignores decoder norms, biases and input scales, so pass ``sae`` for an SAE's own x̂.
 
@@ -122,8 +123,9 @@ def evaluate_unit_set(units: UnitSet, holdout: torch.Tensor, aip: AIP | None,
     """One results-table row for ``units`` on ``holdout`` (input units, (B, H)).
 
     Keys: n_units, d, eval_rows (rows behind R² and L0), r2_<variant> and train_r2_<variant>
-    (R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² or / Σ‖x‖², Euclidean or AIP; train_ only for an SAE
-    with ``train_rows``), l0_mean/median/p90/max, empty_fraction, l0_mean_tol0, dead_fraction,
+    (R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² or / Σ‖x‖², Euclidean or AIP; train_ when
+    ``train_rows`` are given, for an SAE or an OMP-coded set), l0_mean/median/p90/max,
+    empty_fraction, l0_mean_tol0, dead_fraction,
     coherence_max/median/p99/exact, q_star_pairwise/per_unit/per_activation,
     uniqueness_pct = 100·mean 1[μ < 1/(2Kᵢ − 1)], duplicate_pairs (pairs with AIP |cos| > 0.99),
     rip_bound = (K_median − 1)μ, rip_holds,
@@ -150,12 +152,15 @@ def evaluate_unit_set(units: UnitSet, holdout: torch.Tensor, aip: AIP | None,
             recovery = l1_recovery_agreement(sae, x[:cfg.recovery_rows], aip, cfg.recovery_method)
     elif units.kind == "neurons":
         codes, recon, tol = x, x, cfg.neuron_tol
-    elif units.kind == "random" or units.encode is None:
+    elif units.kind in ("random", "exemplar") or units.encode is None:
         k = cfg.random_k if random_k is None else random_k
         if not 1 <= k <= units.d:
             raise InputError(f"{units.name}: OMP sparsity K={k} must be in 1..d={units.d}")
         x, k_omp = x[:cfg.local_rows], float(k)
         codes, recon = _omp_apply(units, x, aip, k)
+        if train_rows is not None:
+            t = _sample(as_rows(train_rows, "train_rows", d=units.d).float(), len(x), seed)
+            train_r2 = r2_scores(t, _omp_apply(units, t, aip, k)[1], aip)
     else:
         with torch.no_grad():
             codes = torch.cat([units.encode(x[s:s + BATCH_ROWS]).float().cpu()

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from atoms.aip.metric import AIP
 from atoms.core.config import require
 from atoms.core.errors import InputError
-from atoms.core.validation import as_rows, check_finite
+from atoms.evaluate.matching import abs_cosines, assign
 
 
 @dataclass
@@ -90,16 +89,6 @@ def welch_bound(d: int, n: int) -> float:
 def _max_coherence(w: torch.Tensor) -> float:
     g = (w @ w.T).abs_().fill_diagonal_(0.0)
     return float(g.max())
-
-
-def _unit_rows(x, name: str) -> torch.Tensor:
-    """Rows of ``x`` scaled to unit norm; NaN/Inf or zero rows are an InputError naming them."""
-    w = as_rows(x, f"match_atoms: {name}").to(torch.float64)
-    check_finite(w, f"match_atoms: {name}")
-    zero = w.norm(dim=1) == 0
-    if bool(zero.any()):
-        raise InputError(f"match_atoms: {name}: row {int(zero.nonzero()[0])} is zero")
-    return _unit(w)
 
 
 def _unit(w: torch.Tensor) -> torch.Tensor:
@@ -225,12 +214,9 @@ class AtomMatch:
 def match_atoms(learned, true) -> AtomMatch:
     """Hungarian matching of learned to true directions on |cos| (Euclidean; parallel
     directions are parallel in every metric)."""
-    lw, tw = _unit_rows(learned, "learned"), _unit_rows(true, "true")
-    if lw.shape[1] != tw.shape[1]:
-        raise InputError(f"match_atoms: widths {lw.shape[1]} and {tw.shape[1]} differ")
-    cos = (tw @ lw.T).abs().numpy()
-    rows, cols = linear_sum_assignment(cos, maximize=True)
-    cosines = np.zeros(tw.shape[0])
-    assignment = np.full(tw.shape[0], -1)
-    cosines[rows], assignment[rows] = cos[rows, cols], cols
+    cos = abs_cosines(true, learned)
+    rows, cols, _ = assign(cos)
+    cosines = np.zeros(cos.shape[0])
+    assignment = np.full(cos.shape[0], -1)
+    cosines[rows], assignment[rows] = cos[rows, cols].numpy(), cols
     return AtomMatch(cosines, assignment)

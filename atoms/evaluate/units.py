@@ -1,4 +1,4 @@
-"""Sets of units to analyse: neurons, SAE features, atoms or random directions.
+"""Sets of units to analyse: neurons, SAE features, atoms, random directions or exemplars.
 
 A ``UnitSet`` holds N unit directions D (N, H) in activation space and, optionally, an encoder
 x ↦ codes (B, N): the identity for neurons, x Dᵀ for random directions, the SAE's codes for
@@ -19,8 +19,8 @@ from atoms.core.validation import as_rows, check_finite
 from atoms.sae.formats import load_any_sae
 from atoms.sae.model import SparseAutoencoder
 
-UnitKind = Literal["neurons", "features", "atoms", "random"]
-KINDS = ("neurons", "features", "atoms", "random")
+UnitKind = Literal["neurons", "features", "atoms", "random", "exemplar"]
+KINDS = ("neurons", "features", "atoms", "random", "exemplar")
 
 
 @dataclass
@@ -63,9 +63,26 @@ class UnitSet:
         """n directions uniform on the sphere S^{d−1}; codes are projections x Dᵀ."""
         g = torch.Generator().manual_seed(seed)
         dirs = torch.randn(n, d, generator=g)
-        out = cls(name, "random", dirs, None, f"random unit directions (seed {seed})")
-        out.encode = lambda x: _rows(x, d) @ out.directions.T
+        return cls.projections(name, "random", dirs, f"random unit directions (seed {seed})")
+
+    @classmethod
+    def projections(cls, name: str, kind: UnitKind, directions: torch.Tensor, source: str = ""
+                    ) -> UnitSet:
+        """Any directions with codes x Dᵀ (D at unit norm): how random and stored sets rank
+        top-activating contexts."""
+        out = cls(name, kind, directions, None, source)
+        out.encode = lambda x: _rows(x, out.d) @ out.directions.T
         return out
+
+    @classmethod
+    def exemplar(cls, rows: torch.Tensor, n: int, seed: int = 0, name: str = "exemplar"
+                 ) -> UnitSet:
+        """The memorisation control: ``n`` of the training ``rows`` (all of them if fewer),
+        drawn by a seeded permutation, as directions; no encoder (codes are K-sparse OMP)."""
+        x = as_rows(rows, f"{name}: rows").float()
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+        return cls(name, "exemplar", x[pick], None,
+                   f"{len(pick)} of {len(x)} training rows (seed {seed})")
 
     @classmethod
     def from_sae(cls, sae: SparseAutoencoder, name: str, kind: UnitKind = "features",

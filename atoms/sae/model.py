@@ -8,11 +8,17 @@ E‖s·x‖² = 1 before encoding, and the reconstruction is scaled back:
     JumpReLU_θ(z) = z · 1[z > θ].
 
 The STE bandwidth ε is stated in these normalised units (DeepMind's 0.001 assumes E‖x‖² = 1).
+
+Geometry ``aip`` trains on whitened rows x̃ = (x − c) P with P = S̃^{1/2} (c = 0 for the
+paper's uncentred S̃, the mean for the centred covariance control), so the loss is
+‖m − m̂‖²_S̃ and unit decoder rows have unit AIP norm; ``folded()`` gives the same map on raw
+rows (W_enc ← P W_enc, W_dec ← W_dec P⁻¹, b_dec ← b_dec P⁻¹ + s·c), which is what is saved.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -20,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from atoms.aip.metric import AIP
+from atoms.aip.metric import AIP, Whitening
 from atoms.core.config import require
 from atoms.core.validation import as_rows, check_finite
 
@@ -45,8 +51,15 @@ class SAEConfig:
     """Keep decoder rows at unit Euclidean norm, unit AIP norm ‖d‖_S̃ = 1, or free."""
     bias: bool = True
     """Learn b_enc and b_dec (the identifiability theorem has none)."""
-    init_encoder: Literal["transpose", "aip"] = "transpose"
-    """Encoder init W_enc = W_decᵀ, or W_enc = S̃ W_decᵀ (the theorem's form)."""
+    geometry: Literal["euclidean", "aip"] = "euclidean"
+    """Train in Euclidean space or in the AIP geometry (whitened rows; loss ‖m − m̂‖²_S̃, decoder
+    rows of unit AIP norm); a run's S̃ comes from its layer (``whitening``)."""
+    whitening: Literal["uncentred", "centred"] = "uncentred"
+    """geometry 'aip': S̃ = E[mmᵀ]⁻¹ (the paper's) or the centred Cov⁻¹ about the mean (the
+    peers' covariance whitening, a control)."""
+    init: Literal["theorem", "random"] = "theorem"
+    """Encoder init W_enc = W_decᵀ in the training geometry (under 'aip' the theorem's
+    W_enc = Dᵀ S̃ on raw rows), or an independent random encoder of unit columns."""
     seed: int | None = None
     """Initialisation seed (unset: the training run's seed; 0 outside a run)."""
     k: int = 0
@@ -67,6 +80,8 @@ class SAEConfig:
         require(self.bandwidth > 0, "bandwidth", f"must be positive, got {self.bandwidth}")
         require(self.init_threshold >= 0, "init_threshold", "must be non-negative")
         require(self.tanh_scale > 0, "tanh_scale", "must be positive")
+        require(self.geometry == "euclidean" or self.decoder_norm != "aip", "decoder_norm",
+                "'aip' is implied by geometry 'aip' (use 'euclidean': unit rows once whitened)")
         if self.kind == "topk" and self.d_sae is not None:
             bound = f"must be in [1, d_sae={self.d_sae}], got {self.k}"
             require(1 <= self.k <= self.d_sae, "k", bound)
@@ -154,29 +169,81 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.contiguous())  # row-major, as its gradients are
+        if cfg.init == "random":
+            w_enc = torch.randn(cfg.d_in, cfg.d_sae, generator=g)
+            self.W_enc = nn.Parameter(w_enc / w_enc.norm(dim=0, keepdim=True))
+        else:
+            self.W_enc = nn.Parameter(w_dec.T.contiguous())  # row-major, as its gradients are
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae), requires_grad=cfg.bias)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in), requires_grad=cfg.bias)
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("metric", torch.eye(cfg.d_in))
+        self.register_buffer("whiten", None)
+        """P (H, H): training rows are (x − centre) P (geometry 'aip'); None: Euclidean."""
+        self.register_buffer("unwhiten", None)
+        """P⁻¹, back to input space."""
+        self.register_buffer("centre", None)
+        """c (H,): the shift before whitening (zero for the uncentred S̃)."""
 
     # -- data scale and metric -------------------------------------------------------------
     @torch.no_grad()
     def fit_input_scale(self, sample: torch.Tensor) -> float:
-        """Set s so that E‖s·x‖² = 1 on ``sample``; returns s."""
+        """Set s so that E‖s·x̃‖² = 1 on ``sample`` (x̃ the training-geometry rows); returns s."""
         x = as_rows(sample, "sample", d=self.cfg.d_in)
         check_finite(x, "sample")
-        s = input_scale(x)
+        s = input_scale(self.to_geometry(x.float()))
         self.input_scale.fill_(s)
         return s
 
     @torch.no_grad()
     def set_metric(self, aip: AIP) -> None:
-        """Use S̃ (input units) for AIP decoder normalisation and the 'aip' encoder init."""
-        self.metric.copy_(aip.S.to(self.metric.dtype))
-        if self.cfg.init_encoder == "aip":
-            self.W_enc.copy_(self._metric_normalised() @ self.W_dec.T)
+        """Use S̃ (input units) for AIP decoder normalisation and duplicate detection. Under
+        geometry 'aip' the training coordinates are already whitened: the metric stays I."""
+        if self.whiten is None:
+            self.metric.copy_(aip.S.to(self.metric.dtype))
         self.constrain_()
+
+    @torch.no_grad()
+    def set_whitening(self, whitening: Whitening) -> None:
+        """Train in the AIP geometry of ``whitening`` (call before ``fit_input_scale``)."""
+        require(self.cfg.geometry == "aip", "sae.geometry",
+                f"is {self.cfg.geometry!r}; whitening needs 'aip'")
+        p, p_inv, c = (t.to(self.W_dec) for t in whitening.tensors())
+        self.whiten, self.unwhiten, self.centre = p, p_inv, c
+
+    def to_geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows in the training geometry, before scaling: (x − c) P, or x when Euclidean."""
+        return x if self.whiten is None else (x - self.centre) @ self.whiten
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The SAE's input s·x̃ for raw rows ``x``."""
+        return self.to_geometry(x) * self.input_scale
+
+    def to_input_space(self, recon_norm: torch.Tensor) -> torch.Tensor:
+        """x̂ in input units from a normalised reconstruction: (x̂_norm / s) P⁻¹ + c."""
+        recon = recon_norm / self.input_scale
+        return recon if self.whiten is None else recon @ self.unwhiten + self.centre
+
+    @torch.no_grad()
+    def folded(self) -> SparseAutoencoder:
+        """The same map on raw rows without whitening (self when Euclidean): W_enc ← P W_enc,
+        W_dec ← W_dec P⁻¹, b_dec ← b_dec P⁻¹ + s·c, metric ← P P (the training S̃)."""
+        if self.whiten is None:
+            return self
+        s = self.input_scale
+        bias = self.cfg.bias or bool(self.centre.any())
+        cfg = dataclasses.replace(self.cfg, geometry="euclidean", decoder_norm="none", bias=bias)
+        out = build_sae(cfg)
+        out.load_state_dict({k: v for k, v in self.state_dict().items()
+                             if k not in ("whiten", "unwhiten", "centre")})
+        p, p_inv = self.whiten.double(), self.unwhiten.double()
+        b_dec = self.b_dec.double() if self.cfg.bias else torch.zeros_like(self.centre.double())
+        out.W_enc.copy_(p @ self.W_enc.double())
+        out.W_dec.copy_(self.W_dec.double() @ p_inv)
+        out.b_dec.copy_(b_dec @ p_inv + s.double() * self.centre.double())
+        out.metric.copy_(p @ p)
+        out.trained_geometry = {"geometry": "aip", "whitening": self.cfg.whitening}
+        return out
 
     def _metric_normalised(self) -> torch.Tensor:
         # S̃ for normalised inputs s·x is S̃ / s².
@@ -195,22 +262,24 @@ class SparseAutoencoder(nn.Module, abc.ABC):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, pre-activations) for inputs in input units."""
-        pre = self.pre_activations(x * self.input_scale)
+        pre = self.pre_activations(self.normalise(x))
         return self.activate(pre)[0], pre
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """x̂ in input units."""
-        return self._decode_norm(codes) / self.input_scale
+        return self.to_input_space(self._decode_norm(codes))
 
     def _decode_norm(self, codes: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b_dec, codes, self.W_dec) if self.cfg.bias else codes @ self.W_dec
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        x_norm = x * self.input_scale
+    def forward(self, x: torch.Tensor, in_geometry: bool = False) -> SAEOutput:
+        """The SAE on raw rows ``x``, or on rows already in the training geometry, (x − c)P
+        (``in_geometry``: what training batches are; identical when Euclidean)."""
+        x_norm = x * self.input_scale if in_geometry else self.normalise(x)
         pre = self.pre_activations(x_norm)
         codes, l0 = self.activate(pre)
         recon_norm = self._decode_norm(codes)
-        return SAEOutput(recon_norm / self.input_scale, codes, pre, l0, x_norm, recon_norm)
+        return SAEOutput(self.to_input_space(recon_norm), codes, pre, l0, x_norm, recon_norm)
 
     def loss(self, out: SAEOutput, sparsity_coeff: float) -> LossTerms:
         mse = (out.recon_norm - out.x_norm).pow(2).sum(-1).mean()
@@ -238,8 +307,10 @@ class SparseAutoencoder(nn.Module, abc.ABC):
 
     @property
     def directions(self) -> torch.Tensor:
-        """Unit directions (N, H) in input space: decoder rows."""
+        """Unit directions (N, H) in input space: decoder rows (un-whitened under 'aip')."""
         w = self.W_dec.detach()
+        if self.unwhiten is not None:
+            w = w @ self.unwhiten
         return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 

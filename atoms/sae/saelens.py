@@ -2,8 +2,10 @@
 
 A folder holds ``cfg.json`` (SAELens keys plus our ``"atoms"`` block), ``sae_weights.safetensors``
 (W_enc, W_dec, b_enc, b_dec and, for JumpReLU, threshold), ``atoms_metric.safetensors`` when
-S̃ ≠ I, and ``checksums.json`` (sha256 of every other file). The input scale s is folded into
-the saved weights so that they work on raw inputs with SAELens's forward pass
+S̃ ≠ I, ``atoms_whitening.safetensors`` for a checkpoint in the AIP geometry (the training
+form; the final SAE is saved folded, ``SparseAutoencoder.folded``), and ``checksums.json``
+(sha256 of every other file). The input scale s is folded into the saved weights so that they
+work on raw inputs with SAELens's forward pass
 (``sae_lens/saes/jumprelu_sae.py``, ``sae.py: process_sae_in``):
 
     pre' = (x − b_dec') W_enc + b_enc',  f' = pre'·1[pre' > θ'],  x̂ = f' W_dec + b_dec',
@@ -23,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from atoms.aip.metric import Whitening
 from atoms.core.config import from_dict, to_dict
 from atoms.core.errors import AtomsError, InputError
 from atoms.core.io import CHECKSUMS, atomic_folder, code_version, file_sha256
@@ -31,11 +34,13 @@ from atoms.sae.model import SAEConfig, SparseAutoencoder, build_sae
 log = logging.getLogger(__name__)
 
 CFG, WEIGHTS, METRIC = "cfg.json", "sae_weights.safetensors", "atoms_metric.safetensors"
+WHITENING = "atoms_whitening.safetensors"
 # SAELens registry names (sae_lens/saes/{jumprelu,standard,topk}_sae.py: architecture()).
 ARCHITECTURE = {"threshold": "jumprelu", "relu": "standard", "topk": "topk"}
 KIND = {v: k for k, v in ARCHITECTURE.items()}
 # Fields that define the architecture: a resumed run must agree on all of them.
-ARCH_FIELDS = ("kind", "d_in", "d_sae", "sparsity_loss", "bias", "decoder_norm", "k")
+ARCH_FIELDS = ("kind", "d_in", "d_sae", "sparsity_loss", "bias", "decoder_norm", "k", "geometry",
+               "whitening")
 
 
 def verify_checksums(folder: Path) -> None:
@@ -154,11 +159,16 @@ def write_sae_files(sae: SparseAutoencoder, folder: Path, metadata: dict | None 
         cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
     cfg["atoms"] = {"sae_config": to_dict(sae.cfg), "input_scale": s,
                     "code_version": code_version()}
+    if getattr(sae, "trained_geometry", None):
+        cfg["atoms"]["trained_geometry"] = sae.trained_geometry  # folded from this geometry
     metric = sae.metric.detach().float().cpu()
     (folder / CFG).write_text(json.dumps(cfg, indent=1) + "\n")
     save_file(_folded(sae), folder / WEIGHTS)
     if not torch.equal(metric, torch.eye(sae.cfg.d_in)):
         save_file({"metric": metric.contiguous()}, folder / METRIC)
+    if sae.whiten is not None:
+        save_file({"whiten": sae.whiten.cpu().contiguous(), "unwhiten": sae.unwhiten.cpu()
+                   .contiguous(), "centre": sae.centre.cpu().contiguous()}, folder / WHITENING)
 
 
 def save_sae(sae: SparseAutoencoder, folder: str | Path, metadata: dict | None = None) -> Path:
@@ -268,6 +278,13 @@ def load_sae(folder: str | Path, expect: SAEConfig | None = None) -> SparseAutoe
     if has_metric:
         metric = take(read_tensors(folder / METRIC), "metric", (d, d), folder / METRIC, why)
         sae.metric.copy_(metric)
+    if cfg.geometry == "aip":
+        w = read_tensors(folder / WHITENING)
+        shapes = {"whiten": (d, d), "unwhiten": (d, d), "centre": (d,)}
+        sae.set_whitening(Whitening(*(take(w, k, v, folder / WHITENING, why)
+                                      for k, v in shapes.items())))
+    elif "trained_geometry" in raw.get("atoms", {}):
+        sae.trained_geometry = raw["atoms"]["trained_geometry"]
     sae.provenance = {"layout": "atoms" if ours else "saelens", "metric": has_metric,
                       "metadata": raw.get("metadata") or {}}
     if not ours:

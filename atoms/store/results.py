@@ -21,6 +21,7 @@ from atoms.core.errors import InputError
 from atoms.store.storage import Storage, pull
 
 ROWS = "rows"
+UNITS = "units"
 TABLE = "results.parquet"
 MONOSEMANTICITY = "monosemanticity"
 STUDY_FILES = (TABLE, "study.json", "summary.md")
@@ -55,6 +56,26 @@ class ResultStore:
         table = pa.Table.from_pylist([{k: _column_safe(v) for k, v in r.items()} for r in rows])
         return self.storage.write_bytes(f"{ROWS}/{key}.parquet", _parquet_bytes(table))
 
+    def write_units(self, key: str, name: str, directions) -> str:
+        """The unit directions (N, H) of unit set ``name`` of trial ``key``, as float16
+        safetensors ``<out>/units/<key>/<name>.safetensors`` (cross-seed stability reads them);
+        written before the trial's rows, so a finished trial always has them."""
+        import torch
+        from safetensors.torch import save
+
+        data = save({"directions": torch.as_tensor(directions).detach().cpu().half()
+                     .contiguous()})
+        return self.storage.write_bytes(f"{UNITS}/{key}/{name}.safetensors", data)
+
+    def read_units(self, key: str, name: str):
+        """The float32 (N, H) directions ``write_units`` stored."""
+        from safetensors.torch import load
+
+        rel = f"{UNITS}/{key}/{name}.safetensors"
+        if self.storage.size(rel) is None:
+            raise InputError(f"{self.storage.show(rel)}: unit directions missing")
+        return load(self.storage.read_bytes(rel))["directions"].float()
+
     def finished(self) -> dict[str, pd.DataFrame]:
         """Rows of every finished trial, by key (unfinished temp files are ignored)."""
         found = self.storage.files(ROWS, "*.parquet")
@@ -65,10 +86,10 @@ class ResultStore:
         frames = [f for f in self.finished().values() if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def write_table(self) -> tuple[str, pd.DataFrame]:
-        """``results.parquet``: every finished trial's rows, sorted by trial and unit set;
-        returns (its path or URI, the table)."""
-        table = self.table()
+    def write_table(self, table: pd.DataFrame | None = None) -> tuple[str, pd.DataFrame]:
+        """``results.parquet``: ``table`` (default: every finished trial's rows), sorted by
+        trial and unit set; returns (its path or URI, the table)."""
+        table = self.table() if table is None else table
         if len(table):
             table = table.sort_values(["trial_key", "unit_set"], kind="stable")
         return self.storage.write_bytes(TABLE, _parquet_bytes(

@@ -19,10 +19,20 @@ from atoms.extract.extraction import ExtractConfig
 from atoms.sae.model import SAEConfig
 from atoms.train.loop import TrainConfig
 
-FAMILIES = ("tsae", "relu", "neurons", "random", "pretrained")
-UNIT_SET = {"tsae": ("atoms", "atoms"), "relu": ("relu_features", "features"),
-            "neurons": ("neurons", "neurons"), "random": ("random", "random")}
-"""family → (unit-set name, unit kind) in result rows; pretrained SAEs use their own name."""
+GEOMETRY_FAMILY = {"euclidean": "tsae", "aip": "tsae_aip", "aip_centred": "tsae_aip_centred"}
+"""grid.geometries → the threshold-SAE family trained in that geometry."""
+FAMILIES = (*GEOMETRY_FAMILY.values(), "relu", "topk", "neurons", "random", "exemplar",
+            "pretrained")
+UNIT_SET = {"tsae": ("atoms", "atoms"), "tsae_aip": ("atoms_aip", "atoms"),
+            "tsae_aip_centred": ("jumprelu_centred_whitening", "features"),
+            "relu": ("relu_features", "features"), "topk": ("topk_features", "features"),
+            "neurons": ("neurons", "neurons"), "random": ("random", "random"),
+            "exemplar": ("exemplar", "exemplar")}
+"""family → (unit-set name, unit kind) in result rows; pretrained SAEs use their own name,
+exemplar sets add their K (``exemplar_k1``)."""
+FAMILY_GEOMETRY = {"tsae": ("euclidean", "uncentred"), "tsae_aip": ("aip", "uncentred"),
+                   "tsae_aip_centred": ("aip", "centred")}
+"""A threshold-SAE family's (sae.geometry, sae.whitening)."""
 
 
 @dataclass
@@ -57,6 +67,11 @@ class Grid:
     train_rows: list[int] = field(default_factory=lambda: [4096, 16384, 65536])
     """Data scales |M|: training rows, the first this-many of the training shards."""
     seeds: list[int] = field(default_factory=lambda: [0])
+    geometries: list[Literal["euclidean", "aip", "aip_centred"]] = field(
+        default_factory=lambda: ["euclidean"])
+    """The atoms' training geometries, each a family of its own at every cell: 'euclidean'
+    (atoms), 'aip' (atoms_aip: loss ‖m − m̂‖²_S̃, unit AIP atoms, the paper's uncentred S̃) and
+    'aip_centred' (the peers' centred covariance whitening, a control)."""
     budget: Literal["steps", "epochs"] = "steps"
     """Equal optimiser steps per cell (``train.steps``) or equal passes over |M| (``epochs``)."""
     epochs: float = 10.0
@@ -71,6 +86,8 @@ class Grid:
                 "every size must be positive")
         require(all(n >= 1 for n in self.d_sae), "d_sae", "every latent count must be ≥ 1")
         require(all(m >= 1 for m in self.train_rows), "train_rows", "must be positive")
+        require(len(self.geometries) > 0 and len(set(self.geometries)) == len(self.geometries),
+                "geometries", f"must list distinct geometries, got {self.geometries}")
         require(self.epochs > 0, "epochs", "must be positive")
         require(self.max_steps >= 1, "max_steps", "must be positive")
 
@@ -96,9 +113,10 @@ def _coeff_range(values: list[float], field: str) -> None:
 
 @dataclass
 class Sparsity:
-    search: Literal["grid", "optuna"] = "optuna"
-    """How each cell's sparsity coefficient is chosen: every value of ``sparsity_coeff``, or
-    ``samples`` Optuna proposals in ``sparsity_coeff_range``."""
+    search: Literal["grid", "optuna", "control"] = "optuna"
+    """How each cell's sparsity coefficient is chosen: every value of ``sparsity_coeff``,
+    ``samples`` Optuna proposals in ``sparsity_coeff_range``, or one run whose λ (starting at
+    ``sparsity_coeff[0]``) is steered to hit ``target_l0`` (``train.target_l0``)."""
     sparsity_coeff: list[float] = field(default_factory=lambda: [3e-4])
     """λ values when ``search: grid``."""
     sparsity_coeff_range: list[float] = field(default_factory=lambda: [1e-5, 1e-2])
@@ -110,7 +128,7 @@ class Sparsity:
     fit whose mean L0 stays within the target."""
 
     def __post_init__(self):
-        if self.search == "grid":
+        if self.search in ("grid", "control"):
             require(len(self.sparsity_coeff) > 0, "sparsity_coeff", "is empty: list at least one")
             require(all(v >= 0 for v in self.sparsity_coeff), "sparsity_coeff", "must be ≥ 0")
         _coeff_range(self.sparsity_coeff_range, "sparsity_coeff_range")
@@ -140,18 +158,30 @@ class Baselines:
     """ReLU + L1 SAEs ('features') at every |D|, trained like the atoms."""
     relu_train_rows: list[int] = field(default_factory=list)
     """|M| values for the ReLU SAEs (default: the largest of the grid)."""
-    relu_search: Literal["grid", "optuna"] = "grid"
+    relu_search: Literal["grid", "optuna", "control"] = "grid"
     """The ReLU SAEs' sparsity coefficient (their L1 weight): every ``relu_sparsity_coeff``,
-    or Optuna in ``relu_sparsity_coeff_range`` with the atoms' objective and
-    ``sparsity.samples`` samples per cell (features at comparable sparsity)."""
+    Optuna in ``relu_sparsity_coeff_range`` with the atoms' objective and
+    ``sparsity.samples`` samples per cell, or steered from ``relu_sparsity_coeff[0]`` to
+    ``sparsity.target_l0`` (features at the atoms' sparsity)."""
     relu_sparsity_coeff: list[float] = field(default_factory=lambda: [3e-3])
     """The ReLU SAEs' λ values when ``relu_search: grid``."""
     relu_sparsity_coeff_range: list[float] = field(default_factory=lambda: [1e-3, 0.3])
     """Optuna: the ReLU SAEs' λ log-uniform in [low, high]."""
+    topk_k: list[int] = field(default_factory=list)
+    """TopK SAEs ('topk_features') at every |D| with each k listed (empty: none); trained like
+    the atoms on ``topk_train_rows``. Match k to the atoms' L0."""
+    topk_train_rows: list[int] = field(default_factory=list)
+    """|M| values for the TopK SAEs (default: the largest of the grid)."""
+    exemplar_k: list[int] = field(default_factory=list)
+    """The exemplar control at every (|D|, |M|) of the grid, once per K listed (empty: none):
+    |D| training rows of the cell as directions, K-sparse OMP codes in the AIP geometry. It
+    learns nothing; a dictionary must beat it to claim more than memorisation."""
     pretrained: list[PretrainedSAE] = field(default_factory=list)
     """Imported SAEs judged as features beside the trained ones."""
 
     def __post_init__(self):
+        require(all(k >= 1 for k in self.topk_k), "topk_k", "every k must be ≥ 1")
+        require(all(k >= 1 for k in self.exemplar_k), "exemplar_k", "every K must be ≥ 1")
         require(not self.relu or self.relu_search == "optuna" or len(self.relu_sparsity_coeff) > 0,
                 "relu_sparsity_coeff", "is empty")
         _coeff_range(self.relu_sparsity_coeff_range, "relu_sparsity_coeff_range")
@@ -198,7 +228,10 @@ class StudyConfig:
         require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty word")
         sae = self.sae
         for name, unset in (("d_in", sae.d_in is None), ("d_sae", sae.d_sae is None),
-                            ("kind", sae.kind == "threshold"), ("seed", sae.seed is None)):
-            require(unset, f"sae.{name}", "is set by the study, not the config")
+                            ("kind", sae.kind == "threshold"), ("seed", sae.seed is None),
+                            ("geometry", sae.geometry == "euclidean"),
+                            ("whitening", sae.whitening == "uncentred"), ("k", sae.k == 0)):
+            require(unset, f"sae.{name}", "is set by the study, not the config (see "
+                    "grid.geometries and baselines.topk_k)")
 
 

@@ -16,11 +16,13 @@ from atoms.core.errors import ConfigError
 from atoms.extract.shards import Manifest
 from atoms.store.results import ResultStore
 from atoms.store.storage import Storage, redact_all
-from atoms.study.config import StudyConfig
+from atoms.study.config import GEOMETRY_FAMILY, StudyConfig
 from atoms.train.batches import split_rows
 
-TRAINED = ("tsae", "relu")
-"""Families that train an SAE (and so have a sparsity coefficient)."""
+SEARCHED = (*GEOMETRY_FAMILY.values(), "relu")
+"""Families whose sparsity coefficient is searched (gridded or by Optuna)."""
+TRAINED = (*SEARCHED, "topk")
+"""Families that train an SAE."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Trial:
     """λ; None until Optuna proposes it."""
     name: str = ""
     path: str = ""
+    k: int = 0
+    """TopK's k, or the exemplar control's OMP sparsity K (0: not applicable)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class SearchSpace:
     """How a trained family's sparsity coefficient is chosen in each cell."""
 
     search: str
-    """'grid' or 'optuna'."""
+    """'grid', 'optuna' or 'control' (one run steered to the target L0 from values[0])."""
     values: tuple[float, ...]
     """The gridded sparsity_coeff values."""
     low: float
@@ -56,7 +60,8 @@ class SearchSpace:
 
 
 def search_space(cfg: StudyConfig, family: str) -> SearchSpace:
-    """The sparsity-coefficient search of a trained family (atoms or ReLU features)."""
+    """The sparsity-coefficient search of a searched family (atoms in any geometry, or ReLU
+    features)."""
     if family == "relu":
         b = cfg.baselines
         return SearchSpace(b.relu_search, tuple(b.relu_sparsity_coeff),
@@ -82,6 +87,8 @@ def _samples(family: str, n: int, m: int, seed: int, space: SearchSpace
              ) -> dict[str, list[Trial]]:
     """One trained cell: its gridded λ values, or ``samples`` Optuna samples (λ None)."""
     cell = f"{family}-D{n}-M{m}-s{seed}"
+    if space.search == "control":
+        return {cell: [Trial(f"{cell}-ctl", cell, family, 0, n, m, seed, space.values[0])]}
     if space.search == "grid":
         return {cell: [Trial(f"{cell}-l{_lam(v)}", cell, family, i, n, m, seed, v)
                        for i, v in enumerate(space.values)]}
@@ -96,11 +103,20 @@ def cells(cfg: StudyConfig, h: int) -> dict[str, list[Trial]]:
     atoms, relu = search_space(cfg, "tsae"), search_space(cfg, "relu")
     for seed in grid.seeds:
         for n in grid.latents(h):
-            for m in grid.train_rows:
-                out.update(_samples("tsae", n, m, seed, atoms))
+            for geometry in grid.geometries:
+                for m in grid.train_rows:
+                    out.update(_samples(GEOMETRY_FAMILY[geometry], n, m, seed, atoms))
             if base.relu:
                 for m in base.relu_train_rows or [max(grid.train_rows)]:
                     out.update(_samples("relu", n, m, seed, relu))
+            for k in base.topk_k:
+                for m in base.topk_train_rows or [max(grid.train_rows)]:
+                    cell = f"topk-k{k}-D{n}-M{m}-s{seed}"
+                    out[cell] = [Trial(cell, cell, "topk", 0, n, m, seed, 0.0, k=k)]
+            for k in base.exemplar_k:
+                for m in grid.train_rows:
+                    cell = f"exemplar-k{k}-D{n}-M{m}-s{seed}"
+                    out[cell] = [Trial(cell, cell, "exemplar", 0, n, m, seed, k=k)]
             if base.random:
                 cell = f"random-D{n}-s{seed}"
                 out[cell] = [Trial(cell, cell, "random", 0, n, 0, seed)]
@@ -114,7 +130,8 @@ def cells(cfg: StudyConfig, h: int) -> dict[str, list[Trial]]:
 
 def check_scale(cfg: StudyConfig, train_rows: int, holdout_rows: int, where: str) -> None:
     """|M| and the held-out sizes against the rows available (before any training)."""
-    wanted = max([*cfg.grid.train_rows, *cfg.baselines.relu_train_rows])
+    wanted = max([*cfg.grid.train_rows, *cfg.baselines.relu_train_rows,
+                  *cfg.baselines.topk_train_rows])
     if wanted > train_rows:
         raise ConfigError(f"grid.train_rows: |M| = {wanted} but {where} has {train_rows} "
                           "training rows")
@@ -155,7 +172,7 @@ def pending_trials(cfg: StudyConfig, h: int, store: ResultStore):
         if todo:
             todo_by_cell[cell] = todo
         done[cell] = [(float(f["sparsity_coeff"].iloc[0]), float(f["objective"].iloc[0]))
-                      for t in trials if t.family in TRAINED and t.sparsity_coeff is None
+                      for t in trials if t.family in SEARCHED and t.sparsity_coeff is None
                       and (f := finished.get(t.key)) is not None]
     total = sum(len(t) for t in plan_cells.values())
     return todo_by_cell, done, total

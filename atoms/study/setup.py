@@ -57,7 +57,11 @@ def shard_folder(cfg: StudyConfig, progress: bool) -> str:
 
 
 def study_aip(cfg: StudyConfig, folder: str, progress: bool) -> str:
-    """The S̃ of the study's layer (path or URI), fitted (uncentred) when missing."""
+    """The S̃ of the study's layer (path or URI), fitted (uncentred) when missing; the centred
+    Cov⁻¹ beside it too when a geometry trains in it."""
+    if "aip_centred" in cfg.grid.geometries:
+        ensure_layer_aip(folder, AIPFitConfig(centred=True, floor=cfg.data.aip_floor,
+                                              allow_floor=True), progress)
     return ensure_layer_aip(folder, AIPFitConfig(floor=cfg.data.aip_floor), progress)
 
 

@@ -31,8 +31,8 @@ from atoms.sae.formats import load_any_sae
 from atoms.sae.saelens import load_sae
 from atoms.store.results import ResultStore
 from atoms.store.storage import Storage, fetch, mirror_path, redact
-from atoms.study.config import UNIT_SET, StudyConfig
-from atoms.study.plan import TRAINED, Trial, search_space, trial_steps
+from atoms.study.config import FAMILY_GEOMETRY, UNIT_SET, StudyConfig
+from atoms.study.plan import SEARCHED, TRAINED, Trial, search_space, trial_steps
 from atoms.train.batches import DataSplit, fits_in_memory, parquet_rows
 from atoms.train.job import RayExecutorConfig, RunSettings, TrainJob
 from atoms.train.run import finished_metrics, train_local, train_sample
@@ -101,17 +101,32 @@ def run_settings(ctx: StudyContext, trial: Trial) -> RunSettings:
 def train_job(ctx: StudyContext, trial: Trial) -> TrainJob:
     cfg = ctx.cfg
     steps = trial_steps(cfg, trial.train_rows)
+    controlled = trial.family in SEARCHED and search_space(cfg, trial.family).search == "control"
     train = dataclasses.replace(
         cfg.train, seed=trial.seed, sparsity_coeff=float(trial.sparsity_coeff), steps=steps,
+        target_l0=cfg.sparsity.target_l0 if controlled else 0.0,
         batch_size=min(cfg.train.batch_size, trial.train_rows),
         lr_warmup_steps=min(cfg.train.lr_warmup_steps, steps // 4),
         sparsity_warmup_steps=min(cfg.train.sparsity_warmup_steps, steps // 2))
-    kind = {"tsae": "threshold", "relu": "relu"}[trial.family]
-    sae = dataclasses.replace(cfg.sae, d_sae=trial.d_sae, kind=kind,
-                              **({"sparsity_loss": "l1"} if kind == "relu" else {}))
+    sae = dataclasses.replace(cfg.sae, d_sae=trial.d_sae, **sae_fields(trial))
     ex = cfg.execution
     ray = RayExecutorConfig(workers=ex.workers, use_gpu=ex.use_gpu)
     return TrainJob(run=run_settings(ctx, trial), sae=sae, train=train, ray=ray)
+
+
+def sae_fields(trial: Trial) -> dict:
+    """The SAEConfig fields a family sets: kind, its loss, geometry and whitening, TopK's k."""
+    if trial.family == "relu":
+        return {"kind": "relu", "sparsity_loss": "l1"}
+    if trial.family == "topk":
+        return {"kind": "topk", "sparsity_loss": "none", "k": trial.k}
+    geometry, whitening = FAMILY_GEOMETRY[trial.family]
+    return {"kind": "threshold", "geometry": geometry, "whitening": whitening}
+
+
+def unit_set_name(trial: Trial) -> str:
+    name = UNIT_SET[trial.family][0]
+    return f"{name}_k{trial.k}" if trial.family == "exemplar" else name
 
 
 def rows_used(split, job: TrainJob) -> int:
@@ -139,13 +154,15 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
                     DIVERGED_OBJECTIVE}
     metrics = metrics or finished_metrics(job.run.out)
     sae = load_sae(fetch(metrics["sae_path"]))
-    name, kind = UNIT_SET[trial.family]
+    name, kind = unit_set_name(trial), UNIT_SET[trial.family][1]
     val = evaluate_sae(sae, ctx.validation, ctx.aip(), prefix="")
     split = DataSplit.of(local_layer(ctx.folder), job.run.holdout_shards, verify=False).limit(
         trial.train_rows)  # the run verified the shards already
     info.update(
         status="finished", checkpoint_path=redact(metrics["sae_path"]),
         train_seconds=metrics["timings"].get("train_seconds"),
+        target_l0=job.train.target_l0 or None,
+        final_sparsity_coeff=(metrics.get("history") or [{}])[-1].get("sparsity_coeff"),
         steady_rows_per_s=metrics["timings"].get("steady_rows_per_s"),
         val_r2_euclid_centred=val["r2_euclid_centred"], val_l0_mean=val["l0_mean"],
         objective=objective(val["r2_euclid_centred"], val["l0_mean"],
@@ -156,12 +173,22 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
     return [(units, sae, train_sample(split, ctx.cfg.data.test_rows))], info
 
 
+def cell_rows(ctx: StudyContext, train_rows: int) -> torch.Tensor:
+    """The |M| training rows of a cell (the first ``train_rows`` of the training shards)."""
+    split = DataSplit.of(local_layer(ctx.folder), ctx.cfg.data.holdout_shards, verify=False)
+    return train_sample(split.limit(train_rows), train_rows)
+
+
 def _fixed(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
     if trial.family == "neurons":
         return [(UnitSet.neurons(ctx.h), None, None)], {"status": "finished"}
     if trial.family == "random":
         units = UnitSet.random(ctx.h, trial.d_sae, seed=trial.seed)
         return [(units, None, None)], {"status": "finished"}
+    if trial.family == "exemplar":
+        rows = cell_rows(ctx, trial.train_rows)
+        units = UnitSet.exemplar(rows, trial.d_sae, seed=trial.seed, name=unit_set_name(trial))
+        return [(units, None, rows)], {"status": "finished"}
     sae, layout = load_any_sae(fetch(trial.path))
     units = UnitSet.from_sae(sae, trial.name, "features", f"{layout}:{redact(trial.path)}")
     return [(units, sae, None)], {"status": "finished", "checkpoint_path": redact(trial.path)}
@@ -175,28 +202,33 @@ def execute_trial(ctx: StudyContext, trial: Trial) -> dict:
     trained = trial.family in TRAINED
     units, info = (_train if trained else _fixed)(ctx, trial)
     aip = ctx.aip()
+    geometry, whitening = FAMILY_GEOMETRY.get(trial.family, (None, None))
     base = {
         "study": ctx.cfg.name, "trial_key": trial.key, "cell": trial.cell,
         "family": trial.family, "d_sae": trial.d_sae or None, "d_sae_over_h":
         (trial.d_sae / ctx.h) if trial.d_sae else None, "train_rows": trial.train_rows or None,
-        "seed": trial.seed, "sparsity_coeff": trial.sparsity_coeff,
-        "sparsity_search": search_space(ctx.cfg, trial.family).search if trained else None,
+        "seed": trial.seed, "sparsity_coeff": trial.sparsity_coeff, "k": trial.k or None,
+        "geometry": geometry, "whitening": whitening,
+        "sparsity_search": search_space(ctx.cfg, trial.family).search
+        if trial.family in SEARCHED else None,
         "h": ctx.h, "aip_path": redact(ctx.aip_path) if ctx.aip_path else None,
         "r2_primary": "r2_euclid_centred", "q_star_primary": "q_star_pairwise", **ctx.meta,
         "started_at": started, "host": platform.node(), **info,
     }
-    rows = []
+    rows, store = [], ResultStore(ctx.out)
     for unit_set, sae, train_rows in units:
         metrics = evaluate_unit_set(unit_set, ctx.test, aip, ctx.cfg.eval, sae=sae,
-                                    train_rows=train_rows, seed=trial.seed)
+                                    train_rows=train_rows, seed=trial.seed, random_k=trial.k
+                                    or None)
+        store.write_units(trial.key, unit_set.name, unit_set.directions)
         rows.append({**base, "unit_set": unit_set.name, "unit_kind": unit_set.kind,
                      "unit_source": unit_set.source, **metrics})
     if not rows:  # a diverged training still leaves a row, so the cell shows it
-        rows.append({**base, "unit_set": UNIT_SET[trial.family][0],
+        rows.append({**base, "unit_set": unit_set_name(trial),
                      "unit_kind": UNIT_SET[trial.family][1]})
     wall = time.perf_counter() - t0
     for row in rows:
         row["wall_seconds"] = wall
-    ResultStore(ctx.out).write(trial.key, rows)
+    store.write(trial.key, rows)
     return {"objective": float(info.get("objective", 0.0)), "rows": len(rows),
             "status": info["status"]}

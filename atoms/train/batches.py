@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from atoms.aip.metric import Whitening
 from atoms.core.errors import InputError
 from atoms.core.validation import as_rows, check_finite
 from atoms.extract.shards import ShardSet, iter_activation_chunks
@@ -50,6 +51,35 @@ class TensorBatches:
         b = self.batch_size
         for start in range(0, len(order) - b + 1, b):
             yield self.data[order[start:start + b]]
+
+
+class MappedBatches:
+    """Another source's batches, each mapped to the training geometry, (x − c)P, on the fly."""
+
+    def __init__(self, source, whitening: Whitening):
+        self.source, self.whitening = source, whitening
+        self._maps: dict = {}
+
+    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
+        for batch in self.source.epoch(epoch):
+            key = (batch.device, batch.dtype)
+            if key not in self._maps:
+                w = self.whitening
+                self._maps[key] = (w.centre.to(batch), w.whiten.to(batch))
+            centre, whiten = self._maps[key]
+            yield (batch - centre) @ whiten
+
+
+def in_geometry(source, whitening: Whitening | None):
+    """``source`` with rows in the training geometry: unchanged when Euclidean (None), an
+    in-memory tensor mapped once, a stream mapped batch by batch."""
+    if whitening is None:
+        return source
+    if isinstance(source, TensorBatches):
+        w = whitening
+        data = (source.data - w.centre.to(source.data)) @ w.whiten.to(source.data)
+        return TensorBatches(data, source.batch_size, source.seed, source.rank)
+    return MappedBatches(source, whitening)
 
 
 def epoch_files(paths: list[Path], seed: int, epoch: int, rank: int, world: int) -> list[Path]:

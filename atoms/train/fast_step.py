@@ -1,6 +1,7 @@
 """A hand-written forward and backward for the threshold SAE with the L0 sparsity loss.
 
-Same loss and gradients as autograd through ``ThresholdSAE`` (normalised units, x = s·x_in):
+Same loss and gradients as autograd through ``ThresholdSAE`` (normalised units, x = s·x_in;
+batches are rows in the SAE's training geometry, already (x − c)P under 'aip'):
 
     z = x W_enc + b_enc − b_dec W_enc,   m = 1[z > θ],   f = z ⊙ m,   x̂ = f W_dec + b_dec
     L = (1/B) Σᵢ ‖x̂ᵢ − xᵢ‖² + λ (1/B) Σᵢⱼ mᵢⱼ

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from atoms.aip.metric import AIP
+from atoms.aip.metric import AIP, Whitening
 from atoms.core.config import require
 from atoms.core.errors import InputError, TrainingDiverged
 from atoms.core.validation import as_rows, check_finite
 from atoms.evaluate.metrics import duplicates
 from atoms.sae.model import SparseAutoencoder
-from atoms.train.batches import TensorBatches
+from atoms.train.batches import TensorBatches, in_geometry
 from atoms.train.fast_step import FastThresholdStep, StepMode, fast_step_applies
 
 STEP_MODES = (*get_args(StepMode), "reference")
@@ -45,6 +45,15 @@ class TrainConfig:
     """λ in loss = ‖x − x̂‖² + λ·sparsity (normalised units)."""
     sparsity_warmup_steps: int = 500
     """Linear warm-up of λ from 0."""
+    target_l0: float = 0.0
+    """Hit this mean L0 (0: off): after the λ warm-up, every ``l0_every`` steps
+    λ ← λ·(L̄0 / target)^g on the window's mean training L0, the gain g = ``l0_gain`` halved
+    each time L̄0 crosses the target, until ``l0_until`` of the steps; the rest trains at the λ
+    reached. ``sparsity_coeff`` is the starting λ: start below
+    the target's (thresholds rise readily with λ but fall back slowly)."""
+    l0_gain: float = 0.2
+    l0_every: int = 10
+    l0_until: float = 0.8
     resample_every: int = 0
     """Every this many steps, re-initialise latents that did not fire in the window (0: off)."""
     resample_until: float = 0.6
@@ -70,14 +79,20 @@ class TrainConfig:
         require(0 <= self.lr_decay_fraction <= 1, "lr_decay_fraction", "must be in [0, 1]")
         require(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be non-negative")
         require(self.sparsity_warmup_steps >= 0, "sparsity_warmup_steps", "must be non-negative")
+        require(self.target_l0 >= 0, "target_l0", f"must be ≥ 0, got {self.target_l0}")
+        require(self.l0_gain > 0, "l0_gain", "must be positive")
+        require(self.l0_every >= 1, "l0_every", "must be positive")
+        require(0 <= self.l0_until <= 1, "l0_until", "must be in [0, 1]")
         require(self.resample_every >= 0, "resample_every", "must be non-negative")
         require(self.dead_window >= 1, "dead_window", "must be positive")
         require(self.log_every >= 1, "log_every", "must be positive")
         require(self.step in STEP_MODES, "step", f"must be one of {STEP_MODES}, got {self.step!r}")
 
 
-def schedule(step: int, cfg: TrainConfig) -> tuple[float, float]:
-    """(learning rate, sparsity coefficient) at ``step`` (0-based)."""
+def schedule(step: int, cfg: TrainConfig, sparsity_coeff: float | None = None
+             ) -> tuple[float, float]:
+    """(learning rate, sparsity coefficient) at ``step`` (0-based); ``sparsity_coeff`` is the
+    controlled λ when ``target_l0`` is on (default ``cfg.sparsity_coeff``)."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     decay_start = cfg.steps * (1 - cfg.lr_decay_fraction)
     decay = 1.0
@@ -86,7 +101,8 @@ def schedule(step: int, cfg: TrainConfig) -> tuple[float, float]:
     coeff_warm = (
         min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
     )
-    return cfg.lr * warm * decay, cfg.sparsity_coeff * coeff_warm
+    base = cfg.sparsity_coeff if sparsity_coeff is None else sparsity_coeff
+    return cfg.lr * warm * decay, base * coeff_warm
 
 
 def uses_fast_step(sae: SparseAutoencoder, cfg: TrainConfig) -> bool:
@@ -105,7 +121,8 @@ def make_optimizer(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Adam
 class SAEObjective(nn.Module):
     """The training loss as a module of tensors only, the form DDP wraps.
 
-    forward(x, λ) → (loss, mse, mean L0, fired), fired = which latents were active in x.
+    forward(x, λ) → (loss, mse, mean L0, fired), fired = which latents were active in x (rows
+    in the training geometry).
     """
 
     def __init__(self, sae: SparseAutoencoder):
@@ -113,7 +130,7 @@ class SAEObjective(nn.Module):
         self.sae = sae
 
     def forward(self, x: torch.Tensor, sparsity_coeff: float):
-        out = self.sae(x)
+        out = self.sae(x, in_geometry=True)
         terms = self.sae.loss(out, sparsity_coeff)
         return terms.total, terms.mse.detach(), terms.l0, (out.codes.detach() != 0).any(0)
 
@@ -217,7 +234,7 @@ def resample_dead_(
     if idx.numel() == 0:
         return 0
     if sync.rank == 0:
-        out = sae(batch)
+        out = sae(batch, in_geometry=True)
         weights = (out.x_norm - out.recon_norm).pow(2).sum(1)
         if float(weights.sum()) > 0:
             rows = torch.multinomial(weights.cpu(), idx.numel(), replacement=True, generator=gen)
@@ -276,10 +293,19 @@ class TrainState:
     rng: torch.Tensor | None = None
     resumed_from: list[int] = field(default_factory=list)
     """Steps at which this run was resumed from a checkpoint."""
+    sparsity_coeff: float | None = None
+    """The controlled λ (``target_l0``); None: the configured one."""
+    l0_side: int = 0
+    """Whether the last controlled L̄0 was above (1) or below (−1) the target (0: none yet)."""
+    l0_gain_scale: float = 1.0
+    """The controller's gain multiplier, halved at every crossing of the target."""
 
 
 class Trainer:
-    """Adam on one SAE with the schedule, dead-latent tracking, resampling and divergence stop."""
+    """Adam on one SAE with the schedule, dead-latent tracking, resampling and divergence stop.
+
+    Batches are rows in the SAE's training geometry: raw rows when Euclidean, (x − c)P under
+    'aip' (``atoms.train.batches.in_geometry`` maps a source once, not every step)."""
 
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, objective: nn.Module | None = None,
                  sync: Sync | None = None):
@@ -301,7 +327,7 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
     def step(self, batch: torch.Tensor) -> None:
         s, cfg = self.state, self.cfg
-        lr, sparsity_coeff = schedule(s.step, cfg)
+        lr, sparsity_coeff = schedule(s.step, cfg, s.sparsity_coeff)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.fast is not None:
@@ -312,6 +338,8 @@ class Trainer:
         s.last_fired = torch.where(fired, s.step, s.last_fired)
         self._window.append((s.step, lr, sparsity_coeff, loss, mse, l0))
         s.step += 1
+        if cfg.target_l0 and s.step % cfg.l0_every == 0:
+            self._control_l0()
         if cfg.resample_every and s.step % cfg.resample_every == 0:
             if s.step <= cfg.resample_until * cfg.steps:
                 self._resample(batch)
@@ -319,6 +347,22 @@ class Trainer:
                 self._silence_duplicates()
         if s.step % cfg.log_every == 0 or s.step == cfg.steps:
             self.flush()
+
+    def _control_l0(self) -> None:
+        """λ ← λ·(L̄0 / target)^g over the last ``l0_every`` steps (mean over workers),
+        between the end of the λ warm-up and ``l0_until`` of the run (see ``target_l0``)."""
+        s, cfg = self.state, self.cfg
+        if s.step <= cfg.sparsity_warmup_steps or s.step > cfg.l0_until * cfg.steps:
+            return
+        recent = torch.stack([w[5] for w in self._window[-cfg.l0_every:]]).mean()
+        l0 = float(self.sync.mean_(recent.reshape(1)))
+        base = cfg.sparsity_coeff if s.sparsity_coeff is None else s.sparsity_coeff
+        ratio = min(max(l0, 1e-3) / cfg.target_l0, 1e3)
+        side = 1 if ratio > 1 else -1
+        if s.l0_side and side != s.l0_side:  # crossed the target: damp the gain
+            s.l0_gain_scale *= 0.5
+        s.l0_side = side
+        s.sparsity_coeff = base * ratio ** (cfg.l0_gain * s.l0_gain_scale)
 
     def _fast_step(self, batch: torch.Tensor, sparsity_coeff: float):
         """The hand-written step; across workers the gradients are averaged in one buffer."""
@@ -367,7 +411,7 @@ class Trainer:
         first = torch.tensor(window[int(bad[0])][0] if len(bad) else 2**62, device=losses.device)
         first = int(self.sync.min_(first))
         if first < 2**62:
-            lr = schedule(first, self.cfg)[0]
+            lr = schedule(first, self.cfg, self.state.sparsity_coeff)[0]
             raise TrainingDiverged(f"training: non-finite loss at step {first} (lr={lr:g})",
                                    step=first)
         means = self.sync.mean_(torch.stack([losses.mean(), torch.stack([w[4] for w in window])
@@ -505,16 +549,25 @@ def train_sae(
     cfg: TrainConfig,
     aip: AIP | None = None,
     progress: bool = True,
+    whitening: Whitening | None = None,
 ) -> TrainResult:
-    """Train ``sae`` on the rows of ``data`` (a new permutation every epoch) with Adam."""
+    """Train ``sae`` on the rows of ``data`` (a new permutation every epoch) with Adam.
+
+    Geometry 'aip' trains in the geometry of ``whitening`` (default: that of ``aip``)."""
     data = as_rows(data, "activations", d=sae.cfg.d_in).float()
     check_finite(data, "activations")
     gen = torch.Generator().manual_seed(cfg.seed)
+    if sae.cfg.geometry == "aip":
+        if whitening is None and aip is None:
+            raise InputError("sae.geometry: 'aip' needs S̃ (pass aip or whitening)")
+        whitening = whitening or Whitening.of(aip)
+        sae.set_whitening(whitening)
     sae.fit_input_scale(data[torch.randperm(len(data), generator=gen)[:16384]])
     if aip is not None:
         sae.set_metric(aip)
     trainer = Trainer(sae, cfg)
-    train_epochs(trainer, TensorBatches(data, min(cfg.batch_size, len(data)), cfg.seed),
+    source = TensorBatches(data, min(cfg.batch_size, len(data)), cfg.seed)
+    train_epochs(trainer, in_geometry(source, whitening if sae.whiten is not None else None),
                  progress=progress)
     s = trainer.state
     end = sae.threshold.detach().clone() if hasattr(sae, "threshold") else None

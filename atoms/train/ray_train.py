@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 from atoms.core.errors import AtomsError, ConfigError, TrainingDiverged
-from atoms.train.batches import TensorBatches, epoch_files, fits_in_memory, parquet_rows, read_rows
+from atoms.train.batches import (
+    TensorBatches,
+    epoch_files,
+    fits_in_memory,
+    in_geometry,
+    parquet_rows,
+    read_rows,
+)
 from atoms.train.checkpoint import find_checkpoints, load_checkpoint, write_checkpoint
 from atoms.train.job import TrainJob
 from atoms.train.loop import (
@@ -151,7 +158,7 @@ def _worker(config: dict) -> None:
     trainer = Trainer(sae, cfg, objective, TorchDistributedSync() if world > 1 else Sync())
     if payload is not None:
         trainer.load_state_dict(payload)
-    source = worker_source(prep, rank, world, device)
+    source = in_geometry(worker_source(prep, rank, world, device), prep.whitening)
     holdout = read_rows(split.holdout, split.d, run.eval_rows).to(device) if rank == 0 else None
     evaluator = prep.evaluator(holdout) if rank == 0 else (lambda sae: None)
     meta, timer = prep.metadata(), StepTimer(cfg.batch_size)

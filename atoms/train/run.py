@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from atoms.aip.fit import AIP_FILE, load_aip_once
-from atoms.aip.metric import AIP
+from atoms.aip.fit import AIP_CENTRED_FILE, AIP_FILE, load_aip_once
+from atoms.aip.metric import AIP, Whitening
 from atoms.core.config import to_dict
 from atoms.core.errors import InputError, TrainingDiverged
 from atoms.core.io import code_version
@@ -37,6 +37,7 @@ from atoms.train.batches import (
     ShardBatches,
     TensorBatches,
     fits_in_memory,
+    in_geometry,
     read_rows,
 )
 from atoms.train.checkpoint import load_checkpoint
@@ -54,6 +55,8 @@ class Prepared:
     sae_cfg: SAEConfig
     aip_path: Path | None
     input_scale: float
+    whitening: Whitening | None = None
+    """The map to the training geometry (geometry 'aip'), fixed once for every executor."""
 
     @property
     def out(self) -> Path:
@@ -70,6 +73,8 @@ class Prepared:
 
     def new_sae(self) -> SparseAutoencoder:
         sae = build_sae(self.sae_cfg)
+        if self.whitening is not None:
+            sae.set_whitening(self.whitening)
         sae.input_scale.fill_(self.input_scale)
         if self.aip_path is not None:
             sae.set_metric(self.aip())
@@ -146,8 +151,28 @@ def prepare(job: TrainJob) -> Prepared:
     if job.train.batch_size // workers > split.train_rows // workers:
         raise InputError(f"train.batch_size: {job.train.batch_size} is more than the "
                          f"{split.train_rows} training rows in {split.folder}")
-    scale = input_scale(train_sample(split, 16384))
-    return Prepared(job, split, sae_cfg, _aip_path(run, split.folder), scale)
+    aip_path = _aip_path(run, split.folder)
+    whitening = _whitening(sae_cfg, aip_path, split.folder)
+    sample = train_sample(split, 16384)
+    if whitening is not None:
+        sample = whitening.apply(sample)
+    return Prepared(job, split, sae_cfg, aip_path, input_scale(sample), whitening)
+
+
+def _whitening(cfg: SAEConfig, aip_path: Path | None, folder: Path) -> Whitening | None:
+    """Geometry 'aip': the map of the run's S̃ (uncentred) or of the layer's centred Cov⁻¹."""
+    if cfg.geometry != "aip":
+        return None
+    if cfg.whitening == "centred":
+        path = folder / AIP_CENTRED_FILE
+        if not path.exists():
+            raise InputError(f"sae.whitening: 'centred' needs {path} (fit it with "
+                             "experiments/fit_aip.py and aip.centred: true)")
+    elif aip_path is None:
+        raise InputError(f"sae.geometry: 'aip' needs S̃ ({folder / AIP_FILE} or run.aip)")
+    else:
+        path = aip_path
+    return Whitening.of(load_aip_once(path)[0])
 
 
 class StepTimer:
@@ -193,7 +218,7 @@ def write_final(prep: Prepared, sae: SparseAutoencoder, trainer_state, metrics: 
     remote ``out`` both are written locally, then published in that order, and ``sae_path``
     is the stored URI of ``sae/``. Returns the local metrics.json."""
     folder = prep.folder()
-    sae_dir = save_sae(sae, folder.local / "sae", prep.metadata())
+    sae_dir = save_sae(sae.folded(), folder.local / "sae", prep.metadata())
     folder.publish_folder(sae_dir)
     record = {
         "status": "finished", "step": trainer_state.step,
@@ -243,6 +268,7 @@ def train_local(job: TrainJob, progress: bool = True, hooks: Iterable[Hook] = ()
     else:
         source = ShardBatches(split.train, split.d, cfg.batch_size, cfg.seed,
                               shuffle_rows=run.shuffle_rows)
+    source = in_geometry(source, prep.whitening)
     holdout = read_rows(split.holdout, split.d, run.eval_rows)
     timer, meta = StepTimer(cfg.batch_size), prep.metadata()
     folder.delete(DIVERGED)
