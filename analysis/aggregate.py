@@ -145,8 +145,8 @@ HEADLINE = {f"{PRIMARY_R2}_mean": "r2_mean", f"{PRIMARY_R2}_lo": "r2_lo",
             "dead_fraction_mean": "dead_fraction", "mono_score_mean": "mono_score",
             "stability_matched_fraction_mean": "stability_matched",
             "stability_pw_mcc_mean": "stability_pw_mcc"}
-ORDER = {"neurons": 0, "relu": 1, "topk": 2, "tsae_aip_centred": 3, "tsae": 4, "tsae_aip": 5,
-         "exemplar": 6, "random": 7, "pretrained": 8}
+ORDER = {"neurons": 0, "relu": 1, "topk": 2, "batchtopk": 3, "tsae_aip_centred": 4, "tsae": 5,
+         "tsae_aip": 6, "exemplar": 7, "random": 8, "pretrained": 9}
 
 
 def at_largest(rows: pd.DataFrame) -> pd.DataFrame:

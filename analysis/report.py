@@ -50,10 +50,11 @@ UNIT_SET_NOTES = [
     "AIP geometry (loss ‖m − m̂‖²_S̃, atoms of unit AIP norm, the paper's uncentred S̃); "
     "**jumprelu_centred_whitening**: the same on centred covariance-whitened rows (the peers' "
     "normalisation, a control).",
-    "**relu_features** / **topk_features**: ReLU + L1 and TopK SAEs. **random**: random "
-    "directions, OMP codes. **exemplar_kK**: |D| training rows stored as directions, K-sparse "
-    "OMP codes in the AIP geometry: it learns nothing, so a learned set whose score it "
-    "matches has shown no more than memorisation.",
+    "**relu_features** / **topk_features** / **batchtopk_features**: ReLU + L1, TopK and "
+    "BatchTopK SAEs (BatchTopK judged as the JumpReLU of its learned threshold). **random**: "
+    "random directions, OMP codes. **exemplar_kK**: |D| training rows stored as directions, "
+    "K-sparse OMP codes in the AIP geometry: it learns nothing, so a learned set whose score "
+    "it matches has shown no more than memorisation.",
     "Stability columns: the share of a set's units found again (Hungarian, |cos_S̃| ≥ 0.9) by "
     "another seed, and the pairwise mean max-cosine, both over seed pairs (– with one seed).",
 ]
@@ -242,7 +243,7 @@ def overview(doc: Doc, table: pd.DataFrame) -> None:
     doc.table(tidy(aggregate(table), UNIT_COLUMNS))
 
 
-LEARNED = ("tsae", "tsae_aip", "tsae_aip_centred", "relu", "topk", "pretrained")
+LEARNED = ("tsae", "tsae_aip", "tsae_aip_centred", "relu", "topk", "batchtopk", "pretrained")
 
 
 def control_verdicts(heads: pd.DataFrame) -> list[str]:

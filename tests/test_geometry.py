@@ -111,3 +111,19 @@ def test_geometry_errors_are_one_line():
     sae = build_sae(SAEConfig(d_in=4, d_sae=4, geometry="aip"))
     with pytest.raises(InputError, match="needs S̃"):
         train_sae(sae, torch.randn(100, 4), TrainConfig(steps=2, batch_size=10), progress=False)
+
+
+def test_batchtopk_keeps_k_per_row_on_average_and_becomes_its_jumprelu(tmp_path):
+    x = correlated_rows(3000)
+    cfg = SAEConfig(d_in=8, d_sae=32, kind="batchtopk", k=3, seed=0)
+    sae = trained(cfg, x, None, steps=150)
+    out = sae(x[:400])
+    assert float(out.l0.mean()) == pytest.approx(3.0)
+    jump = sae.inference_form()
+    assert jump.cfg.kind == "threshold" and torch.equal(jump.threshold, sae.threshold)
+    with torch.no_grad():
+        assert 1.5 < float(jump(x[:400]).l0.mean()) < 6  # the learned θ keeps about k per row
+    back = load_sae(save_sae(jump, tmp_path / "sae"))
+    torch.testing.assert_close(back(x[:50]).recon, jump(x[:50]).recon, rtol=1e-5, atol=1e-4)
+    again = load_sae(save_sae(sae, tmp_path / "ckpt"), expect=sae.cfg)  # the training form
+    assert again.cfg.kind == "batchtopk" and torch.equal(again.threshold, sae.threshold)

@@ -33,3 +33,20 @@ def test_without_a_target_lambda_follows_the_schedule(planted):
     cfg = TrainConfig(steps=100, batch_size=256, sparsity_coeff=1e-3, sparsity_warmup_steps=10)
     result = train_sae(sae, planted[:2000], cfg, progress=False)
     assert {r["sparsity_coeff"] for r in result.history} == {1e-3}
+
+
+def test_a_training_run_steers_by_its_held_out_rows(tmp_path):
+    """train_local reads the controller's L0 on its held-out rows, so the reported held-out
+    L0 (not only the training one) sits at the target."""
+    from atoms.train.run import train_local
+    from tests.shardsets import synthetic_shard_set
+    from tests.test_train_run import job
+
+    data = synthetic_shard_set(tmp_path / "layer", rows=12288)
+    spec = job(data, tmp_path / "run", sae={"d_sae": 128, "bandwidth": 0.01,
+                                             "init_threshold": 0.001, "bias": True},
+               train={"steps": 600, "sparsity_coeff": 1e-3, "target_l0": 6.0,
+                      "sparsity_warmup_steps": 50, "lr": 2e-3})
+    metrics = train_local(spec, progress=False)
+    assert abs(metrics["eval_l0_mean"] / 6.0 - 1) <= 0.10, metrics["eval_l0_mean"]
+    assert metrics["history"][-1]["sparsity_coeff"] != 1e-3

@@ -54,12 +54,13 @@ def test_topk_and_aip_geometry_trials_train_and_fold(tmp_path, shards):
     ctx = context_for(tmp_path, shards, **{"grid.d_sae_over_h": [2], "grid.train_rows": [1024],
                                            "grid.geometries": ["euclidean", "aip",
                                                                "aip_centred"],
-                                           "baselines.topk_k": [4]})
+                                           "baselines.topk_k": [4], "baselines.batchtopk_k": [4]})
     plan = cells(ctx.cfg, ctx.h)
     store = ResultStore(ctx.out)
     keys = {"tsae_aip-D64-M1024-s0": ("atoms_aip", "aip", "uncentred"),
             "tsae_aip_centred-D64-M1024-s0": ("jumprelu_centred_whitening", "aip", "centred"),
-            "topk-k4-D64-M1024-s0": ("topk_features", None, None)}
+            "topk-k4-D64-M1024-s0": ("topk_features", None, None),
+            "batchtopk-k4-D64-M1024-s0": ("batchtopk_features", None, None)}
     for cell, (name, geometry, whitening) in keys.items():
         trial = plan[cell][0]
         assert execute_trial(ctx, trial)["status"] == "finished"
@@ -74,6 +75,8 @@ def test_topk_and_aip_geometry_trials_train_and_fold(tmp_path, shards):
             assert sae.trained_geometry == {"geometry": geometry, "whitening": whitening}
     topk = store.finished()["topk-k4-D64-M1024-s0"].iloc[0]
     assert topk["l0_max"] <= 4 and topk["k"] == 4
+    batch = store.finished()["batchtopk-k4-D64-M1024-s0"].iloc[0]  # judged as its JumpReLU
+    assert 1 < batch["l0_mean"] < 12 and batch["l0_max"] > 4
 
 
 def test_stability_columns_need_two_seeds(tmp_path, shards):

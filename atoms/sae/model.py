@@ -37,8 +37,9 @@ class SAEConfig:
     """Width H of the activations (unset: the shard set's, filled in by the training run)."""
     d_sae: int | None = None
     """Number of latents |D|, the dictionary size (unset: a study sets it from its grid)."""
-    kind: Literal["threshold", "relu", "topk"] = "threshold"
-    """'threshold' (JumpReLU TSAE), 'relu' (ReLU + L1, the 'features' baseline) or 'topk'."""
+    kind: Literal["threshold", "relu", "topk", "batchtopk"] = "threshold"
+    """'threshold' (JumpReLU TSAE), 'relu' (ReLU + L1, the 'features' baseline), 'topk' or
+    'batchtopk' (saved as the JumpReLU of its learned threshold)."""
     sparsity_loss: Literal["l0", "tanh", "l1", "none"] = "l0"
     """TSAE: 'l0' (step STE) or 'tanh' (Σ tanh(c·f·‖d‖)); ReLU: 'l1' (Σ f·‖d‖); TopK: 'none'."""
     bandwidth: float = 0.001
@@ -63,13 +64,14 @@ class SAEConfig:
     seed: int | None = None
     """Initialisation seed (unset: the training run's seed; 0 outside a run)."""
     k: int = 0
-    """TopK: latents kept per row (required ≥ 1 for kind='topk')."""
+    """TopK: latents kept per row; BatchTopK: on average per row (required ≥ 1 for both)."""
 
     def __post_init__(self):
         require(self.d_in is None or self.d_in >= 1, "d_in", f"must be positive, got {self.d_in}")
         require(self.d_sae is None or self.d_sae >= 1, "d_sae",
                 f"must be positive, got {self.d_sae}")
-        allowed = {"threshold": ("l0", "tanh"), "relu": ("l1",), "topk": ("none",)}[self.kind]
+        allowed = {"threshold": ("l0", "tanh"), "relu": ("l1",), "topk": ("none",),
+                   "batchtopk": ("none",)}[self.kind]
         if self.kind != "threshold" and self.sparsity_loss == "l0":
             self.sparsity_loss = allowed[0]
         require(
@@ -82,7 +84,7 @@ class SAEConfig:
         require(self.tanh_scale > 0, "tanh_scale", "must be positive")
         require(self.geometry == "euclidean" or self.decoder_norm != "aip", "decoder_norm",
                 "'aip' is implied by geometry 'aip' (use 'euclidean': unit rows once whitened)")
-        if self.kind == "topk" and self.d_sae is not None:
+        if self.kind in ("topk", "batchtopk") and self.d_sae is not None:
             bound = f"must be in [1, d_sae={self.d_sae}], got {self.k}"
             require(1 <= self.k <= self.d_sae, "k", bound)
 
@@ -223,6 +225,10 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         """x̂ in input units from a normalised reconstruction: (x̂_norm / s) P⁻¹ + c."""
         recon = recon_norm / self.input_scale
         return recon if self.whiten is None else recon @ self.unwhiten + self.centre
+
+    def inference_form(self) -> SparseAutoencoder:
+        """What is saved and judged: the folded SAE (a BatchTopK SAE also becomes a JumpReLU)."""
+        return self.folded()
 
     @torch.no_grad()
     def folded(self) -> SparseAutoencoder:
@@ -385,6 +391,48 @@ class TopKSAE(SparseAutoencoder):
         return out.codes.new_zeros(out.codes.shape[0])
 
 
+class BatchTopKSAE(SparseAutoencoder):
+    """BatchTopK (Bussmann et al. 2024): in training the k·B largest rectified pre-activations
+    of the batch are kept; θ follows them, θ ← θ + ``THRESHOLD_RATE``·(min kept − θ) (the first
+    batch sets it), and at
+    inference (``inference_form``) the SAE is the JumpReLU z·1[z > θ]."""
+
+    THRESHOLD_RATE = 0.01
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+
+    def activate(self, pre):
+        relu = torch.relu(pre)
+        flat = relu.reshape(-1)
+        keep = min(self.cfg.k * pre.shape[0], flat.numel())
+        values, index = flat.topk(keep, sorted=False)
+        codes = torch.zeros_like(flat).scatter(0, index, values).view_as(pre)
+        with torch.no_grad():
+            kept = values[values > 0]
+            if kept.numel():  # the first batch sets θ; later ones move it
+                rate = self.THRESHOLD_RATE if bool(self.threshold.any()) else 1.0
+                self.threshold.add_((kept.min() - self.threshold) * rate)
+        return codes, (codes > 0).sum(-1, dtype=pre.dtype)
+
+    def sparsity_penalty(self, out):
+        return out.codes.new_zeros(out.codes.shape[0])
+
+    @torch.no_grad()
+    def inference_form(self) -> SparseAutoencoder:
+        cfg = dataclasses.replace(self.cfg, kind="threshold", sparsity_loss="l0", k=0)
+        out = ThresholdSAE(cfg)
+        state = {k: v for k, v in self.state_dict().items() if k != "threshold"}
+        out.load_state_dict(state, strict=False)
+        out.threshold.copy_(self.threshold)
+        if self.whiten is not None:
+            out.set_whitening(Whitening(self.whiten, self.unwhiten, self.centre))
+        return out.folded()
+
+
 def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
     """The SAE class named by ``cfg.kind``."""
-    return {"threshold": ThresholdSAE, "relu": ReLUSAE, "topk": TopKSAE}[cfg.kind](cfg)
+    kinds = {"threshold": ThresholdSAE, "relu": ReLUSAE, "topk": TopKSAE,
+             "batchtopk": BatchTopKSAE}
+    return kinds[cfg.kind](cfg)

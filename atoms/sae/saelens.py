@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 CFG, WEIGHTS, METRIC = "cfg.json", "sae_weights.safetensors", "atoms_metric.safetensors"
 WHITENING = "atoms_whitening.safetensors"
 # SAELens registry names (sae_lens/saes/{jumprelu,standard,topk}_sae.py: architecture()).
-ARCHITECTURE = {"threshold": "jumprelu", "relu": "standard", "topk": "topk"}
+ARCHITECTURE = {"threshold": "jumprelu", "relu": "standard", "topk": "topk",
+                "batchtopk": "batchtopk"}
 KIND = {v: k for k, v in ARCHITECTURE.items()}
 # Fields that define the architecture: a resumed run must agree on all of them.
 ARCH_FIELDS = ("kind", "d_in", "d_sae", "sparsity_loss", "bias", "decoder_norm", "k", "geometry",
@@ -131,7 +132,7 @@ def _folded(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     b_dec = sae.b_dec.detach() if sae.cfg.bias else torch.zeros_like(sae.b_dec)
     out = {"W_enc": sae.W_enc.detach(), "W_dec": sae.W_dec.detach(),
            "b_enc": sae.b_enc.detach() / s, "b_dec": b_dec / s}
-    if sae.cfg.kind == "threshold":
+    if sae.cfg.kind in ("threshold", "batchtopk"):
         out["threshold"] = sae.threshold.detach() / s
     return {k: v.float().cpu().contiguous().clone() for k, v in out.items()}
 
@@ -155,7 +156,7 @@ def write_sae_files(sae: SparseAutoencoder, folder: Path, metadata: dict | None 
            "d_sae": sae.cfg.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta}
-    if sae.cfg.kind == "topk":  # TopKSAEConfig fields (sae_lens/saes/topk_sae.py)
+    if sae.cfg.kind in ("topk", "batchtopk"):  # TopKSAEConfig fields (saes/topk_sae.py)
         cfg.update(k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
     cfg["atoms"] = {"sae_config": to_dict(sae.cfg), "input_scale": s,
                     "code_version": code_version()}
@@ -199,7 +200,7 @@ def _config(raw: dict, path: Path) -> tuple[SAEConfig, float]:
     d_in, d_sae = field(raw, "d_in", path), field(raw, "d_sae", path)
     try:
         if "atoms" not in raw:
-            k = field(raw, "k", path) if arch == "topk" else 0
+            k = field(raw, "k", path) if arch in ("topk", "batchtopk") else 0
             cfg = SAEConfig(d_in=d_in, d_sae=d_sae, kind=KIND[arch], k=k, decoder_norm="none")
             return cfg, 1.0
         block = raw["atoms"]
@@ -220,7 +221,7 @@ def _config(raw: dict, path: Path) -> tuple[SAEConfig, float]:
 def _check_expect(cfg: SAEConfig, expect: SAEConfig, path: Path) -> None:
     for name in ARCH_FIELDS:
         got, want = getattr(cfg, name), getattr(expect, name)
-        if name == "k" and "topk" not in (cfg.kind, expect.kind):
+        if name == "k" and not {"topk", "batchtopk"} & {cfg.kind, expect.kind}:
             continue
         if got != want:
             raise InputError(f"{path}: {name}={got!r} but the run expects {name}={want!r}")
@@ -258,7 +259,8 @@ def load_sae(folder: str | Path, expect: SAEConfig | None = None) -> SparseAutoe
     w_dec = take(tensors, "W_dec", (n, d), w_path, why)
     b_enc = take(tensors, "b_enc", (n,), w_path, why)
     b_dec = take(tensors, "b_dec", (d,), w_path, why)
-    theta = take(tensors, "threshold", (n,), w_path, why) if cfg.kind == "threshold" else None
+    gated = cfg.kind in ("threshold", "batchtopk")
+    theta = take(tensors, "threshold", (n,), w_path, why) if gated else None
     if not ours:
         if not raw.get("apply_b_dec_to_input", True):  # their pre = x W_enc + b_enc
             b_enc = b_enc + b_dec @ w_enc

@@ -21,11 +21,12 @@ from atoms.train.loop import TrainConfig
 
 GEOMETRY_FAMILY = {"euclidean": "tsae", "aip": "tsae_aip", "aip_centred": "tsae_aip_centred"}
 """grid.geometries → the threshold-SAE family trained in that geometry."""
-FAMILIES = (*GEOMETRY_FAMILY.values(), "relu", "topk", "neurons", "random", "exemplar",
-            "pretrained")
+FAMILIES = (*GEOMETRY_FAMILY.values(), "relu", "topk", "batchtopk", "neurons", "random",
+            "exemplar", "pretrained")
 UNIT_SET = {"tsae": ("atoms", "atoms"), "tsae_aip": ("atoms_aip", "atoms"),
             "tsae_aip_centred": ("jumprelu_centred_whitening", "features"),
             "relu": ("relu_features", "features"), "topk": ("topk_features", "features"),
+            "batchtopk": ("batchtopk_features", "features"),
             "neurons": ("neurons", "neurons"), "random": ("random", "random"),
             "exemplar": ("exemplar", "exemplar")}
 """family → (unit-set name, unit kind) in result rows; pretrained SAEs use their own name,
@@ -170,8 +171,11 @@ class Baselines:
     topk_k: list[int] = field(default_factory=list)
     """TopK SAEs ('topk_features') at every |D| with each k listed (empty: none); trained like
     the atoms on ``topk_train_rows``. Match k to the atoms' L0."""
+    batchtopk_k: list[int] = field(default_factory=list)
+    """BatchTopK SAEs ('batchtopk_features', k latents per row on average; saved as the
+    JumpReLU of their learned threshold) at every |D| with each k listed."""
     topk_train_rows: list[int] = field(default_factory=list)
-    """|M| values for the TopK SAEs (default: the largest of the grid)."""
+    """|M| values for the TopK and BatchTopK SAEs (default: the largest of the grid)."""
     exemplar_k: list[int] = field(default_factory=list)
     """The exemplar control at every (|D|, |M|) of the grid, once per K listed (empty: none):
     |D| training rows of the cell as directions, K-sparse OMP codes in the AIP geometry. It
@@ -181,6 +185,7 @@ class Baselines:
 
     def __post_init__(self):
         require(all(k >= 1 for k in self.topk_k), "topk_k", "every k must be ≥ 1")
+        require(all(k >= 1 for k in self.batchtopk_k), "batchtopk_k", "every k must be ≥ 1")
         require(all(k >= 1 for k in self.exemplar_k), "exemplar_k", "every K must be ≥ 1")
         require(not self.relu or self.relu_search == "optuna" or len(self.relu_sparsity_coeff) > 0,
                 "relu_sparsity_coeff", "is empty")

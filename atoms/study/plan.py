@@ -21,7 +21,7 @@ from atoms.train.batches import split_rows
 
 SEARCHED = (*GEOMETRY_FAMILY.values(), "relu")
 """Families whose sparsity coefficient is searched (gridded or by Optuna)."""
-TRAINED = (*SEARCHED, "topk")
+TRAINED = (*SEARCHED, "topk", "batchtopk")
 """Families that train an SAE."""
 
 
@@ -109,10 +109,11 @@ def cells(cfg: StudyConfig, h: int) -> dict[str, list[Trial]]:
             if base.relu:
                 for m in base.relu_train_rows or [max(grid.train_rows)]:
                     out.update(_samples("relu", n, m, seed, relu))
-            for k in base.topk_k:
-                for m in base.topk_train_rows or [max(grid.train_rows)]:
-                    cell = f"topk-k{k}-D{n}-M{m}-s{seed}"
-                    out[cell] = [Trial(cell, cell, "topk", 0, n, m, seed, 0.0, k=k)]
+            for family, ks in (("topk", base.topk_k), ("batchtopk", base.batchtopk_k)):
+                for k in ks:
+                    for m in base.topk_train_rows or [max(grid.train_rows)]:
+                        cell = f"{family}-k{k}-D{n}-M{m}-s{seed}"
+                        out[cell] = [Trial(cell, cell, family, 0, n, m, seed, 0.0, k=k)]
             for k in base.exemplar_k:
                 for m in grid.train_rows:
                     cell = f"exemplar-k{k}-D{n}-M{m}-s{seed}"

@@ -118,8 +118,8 @@ def sae_fields(trial: Trial) -> dict:
     """The SAEConfig fields a family sets: kind, its loss, geometry and whitening, TopK's k."""
     if trial.family == "relu":
         return {"kind": "relu", "sparsity_loss": "l1"}
-    if trial.family == "topk":
-        return {"kind": "topk", "sparsity_loss": "none", "k": trial.k}
+    if trial.family in ("topk", "batchtopk"):
+        return {"kind": trial.family, "sparsity_loss": "none", "k": trial.k}
     geometry, whitening = FAMILY_GEOMETRY[trial.family]
     return {"kind": "threshold", "geometry": geometry, "whitening": whitening}
 

@@ -9,6 +9,7 @@ its DDP-wrapped objective and a ``Sync`` over torch.distributed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import get_args
@@ -27,6 +28,9 @@ from atoms.train.batches import TensorBatches, in_geometry
 from atoms.train.fast_step import FastThresholdStep, StepMode, fast_step_applies
 
 STEP_MODES = (*get_args(StepMode), "reference")
+L0_PROBE_ROWS = 1024
+"""Held-out rows the L0 controller reads (an encoder pass over them every ``l0_every`` steps)."""
+
 
 
 @dataclass
@@ -46,14 +50,20 @@ class TrainConfig:
     sparsity_warmup_steps: int = 500
     """Linear warm-up of λ from 0."""
     target_l0: float = 0.0
-    """Hit this mean L0 (0: off): after the λ warm-up, every ``l0_every`` steps
-    λ ← λ·(L̄0 / target)^g on the window's mean training L0, the gain g = ``l0_gain`` halved
-    each time L̄0 crosses the target, until ``l0_until`` of the steps; the rest trains at the λ
-    reached. ``sparsity_coeff`` is the starting λ: start below
-    the target's (thresholds rise readily with λ but fall back slowly)."""
+    """Hit this mean L0 (0: off). After the λ warm-up, every ``l0_every`` steps until
+    ``l0_until`` of the run, with e = ln(L̄0 / target): I ← I + kᵢ·e and λ = exp(I + kₚ·e),
+    I starting at ln ``sparsity_coeff``; the rest of the run trains at the λ reached. L̄0 is the
+    mean L0 on held-out probe rows when the run has them (a training run: its validation rows),
+    else over the window's training batches. Start λ below the target's: thresholds rise with
+    λ at once but fall back slowly."""
     l0_gain: float = 0.2
+    """The controller's integral gain kᵢ (see ``target_l0``)."""
+    l0_proportional: float = 1.0
+    """The controller's proportional gain kₚ."""
     l0_every: int = 10
+    """Steps between controller updates."""
     l0_until: float = 0.8
+    """Fraction of the steps after which λ stays fixed."""
     resample_every: int = 0
     """Every this many steps, re-initialise latents that did not fire in the window (0: off)."""
     resample_until: float = 0.6
@@ -81,6 +91,7 @@ class TrainConfig:
         require(self.sparsity_warmup_steps >= 0, "sparsity_warmup_steps", "must be non-negative")
         require(self.target_l0 >= 0, "target_l0", f"must be ≥ 0, got {self.target_l0}")
         require(self.l0_gain > 0, "l0_gain", "must be positive")
+        require(self.l0_proportional >= 0, "l0_proportional", "must be ≥ 0")
         require(self.l0_every >= 1, "l0_every", "must be positive")
         require(0 <= self.l0_until <= 1, "l0_until", "must be in [0, 1]")
         require(self.resample_every >= 0, "resample_every", "must be non-negative")
@@ -295,10 +306,8 @@ class TrainState:
     """Steps at which this run was resumed from a checkpoint."""
     sparsity_coeff: float | None = None
     """The controlled λ (``target_l0``); None: the configured one."""
-    l0_side: int = 0
-    """Whether the last controlled L̄0 was above (1) or below (−1) the target (0: none yet)."""
-    l0_gain_scale: float = 1.0
-    """The controller's gain multiplier, halved at every crossing of the target."""
+    l0_integral: float | None = None
+    """The controller's integral term, ln λ before the proportional one."""
 
 
 class Trainer:
@@ -323,6 +332,13 @@ class Trainer:
         if hasattr(sae, "threshold"):
             self.state.threshold_start = sae.threshold.detach().cpu().clone()
         self._window: list[tuple] = []
+        self.l0_probe, self.l0_rows = False, None
+
+    def set_l0_probe(self, rows: torch.Tensor | None) -> None:
+        """Steer λ by the L0 on ``rows`` (raw held-out rows; every rank calls this, rank 0
+        with the rows, the others with None, and rank 0's L0 is broadcast)."""
+        self.l0_probe = True
+        self.l0_rows = None if rows is None else rows[:L0_PROBE_ROWS]
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, batch: torch.Tensor) -> None:
@@ -349,20 +365,26 @@ class Trainer:
             self.flush()
 
     def _control_l0(self) -> None:
-        """λ ← λ·(L̄0 / target)^g over the last ``l0_every`` steps (mean over workers),
-        between the end of the λ warm-up and ``l0_until`` of the run (see ``target_l0``)."""
+        """The PI step of ``target_l0`` in ln λ; L̄0 on the probe rows (``set_l0_probe``) or
+        else over the last ``l0_every`` training steps (mean over workers)."""
         s, cfg = self.state, self.cfg
         if s.step <= cfg.sparsity_warmup_steps or s.step > cfg.l0_until * cfg.steps:
             return
-        recent = torch.stack([w[5] for w in self._window[-cfg.l0_every:]]).mean()
-        l0 = float(self.sync.mean_(recent.reshape(1)))
-        base = cfg.sparsity_coeff if s.sparsity_coeff is None else s.sparsity_coeff
-        ratio = min(max(l0, 1e-3) / cfg.target_l0, 1e3)
-        side = 1 if ratio > 1 else -1
-        if s.l0_side and side != s.l0_side:  # crossed the target: damp the gain
-            s.l0_gain_scale *= 0.5
-        s.l0_side = side
-        s.sparsity_coeff = base * ratio ** (cfg.l0_gain * s.l0_gain_scale)
+        if self.l0_probe:
+            value = torch.zeros(1, device=self.sae.W_dec.device)
+            if self.l0_rows is not None:
+                with torch.no_grad():
+                    value += self.sae(self.l0_rows).l0.mean()
+            self.sync.broadcast_([value])
+            l0 = float(value)
+        else:
+            recent = torch.stack([w[5] for w in self._window[-cfg.l0_every:]]).mean()
+            l0 = float(self.sync.mean_(recent.reshape(1)))
+        error = math.log(min(max(l0, 1e-3) / cfg.target_l0, 1e3))
+        if s.l0_integral is None:
+            s.l0_integral = math.log(cfg.sparsity_coeff)
+        s.l0_integral += cfg.l0_gain * error
+        s.sparsity_coeff = math.exp(s.l0_integral + cfg.l0_proportional * error)
 
     def _fast_step(self, batch: torch.Tensor, sparsity_coeff: float):
         """The hand-written step; across workers the gradients are averaged in one buffer."""

@@ -161,6 +161,8 @@ def _worker(config: dict) -> None:
     source = in_geometry(worker_source(prep, rank, world, device), prep.whitening)
     holdout = read_rows(split.holdout, split.d, run.eval_rows).to(device) if rank == 0 else None
     evaluator = prep.evaluator(holdout) if rank == 0 else (lambda sae: None)
+    if cfg.target_l0:
+        trainer.set_l0_probe(holdout)
     meta, timer = prep.metadata(), StepTimer(cfg.batch_size)
     start = time.perf_counter()
     try:

@@ -218,7 +218,7 @@ def write_final(prep: Prepared, sae: SparseAutoencoder, trainer_state, metrics: 
     remote ``out`` both are written locally, then published in that order, and ``sae_path``
     is the stored URI of ``sae/``. Returns the local metrics.json."""
     folder = prep.folder()
-    sae_dir = save_sae(sae.folded(), folder.local / "sae", prep.metadata())
+    sae_dir = save_sae(sae.inference_form(), folder.local / "sae", prep.metadata())
     folder.publish_folder(sae_dir)
     record = {
         "status": "finished", "step": trainer_state.step,
@@ -236,11 +236,12 @@ def write_final(prep: Prepared, sae: SparseAutoencoder, trainer_state, metrics: 
 
 def final_metrics(prep: Prepared, trainer: Trainer, holdout: torch.Tensor,
                   train_rows: torch.Tensor, train_dead_fraction: float) -> dict:
-    """Held-out (eval_*) and train-sample (train_*) metrics of the trained SAE."""
-    aip = prep.aip()
+    """Held-out (eval_*) and train-sample (train_*) metrics of the trained SAE, in the form
+    that is saved (``inference_form``)."""
+    aip, sae = prep.aip(), trainer.sae.inference_form()
     start = trainer.state.threshold_start
-    return {**evaluate_sae(trainer.sae, holdout, aip, prefix="eval_", threshold_start=start),
-            **evaluate_sae(trainer.sae, train_rows, aip, prefix="train_"),
+    return {**evaluate_sae(sae, holdout, aip, prefix="eval_", threshold_start=start),
+            **evaluate_sae(sae, train_rows, aip, prefix="train_"),
             "train_dead_fraction": train_dead_fraction}
 
 
@@ -270,6 +271,8 @@ def train_local(job: TrainJob, progress: bool = True, hooks: Iterable[Hook] = ()
                               shuffle_rows=run.shuffle_rows)
     source = in_geometry(source, prep.whitening)
     holdout = read_rows(split.holdout, split.d, run.eval_rows)
+    if cfg.target_l0:
+        trainer.set_l0_probe(holdout)
     timer, meta = StepTimer(cfg.batch_size), prep.metadata()
     folder.delete(DIVERGED)
     checkpointer = Checkpointer(
