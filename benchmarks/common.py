@@ -34,6 +34,17 @@ def matmul_gflops(b: int, d: int, n: int, repeats: int = 5) -> float:
     return 2 * b * d * n / seconds / 1e9
 
 
+def step_shapes(description: str, shapes: list[tuple]) -> tuple[list[tuple], int]:
+    """(shapes, repeats) from the command line: ``--quick`` keeps the first shape and 3
+    repeats, else every shape and 5."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
+    quick = parser.parse_args().quick
+    return (shapes[:1], 3) if quick else (list(shapes), 5)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -11,14 +11,12 @@ Goal: the AIP step ≤ 1.1× the Euclidean step.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from atoms.aip.metric import AIP, SecondMoment, Whitening
 from atoms.sae.model import SAEConfig, ThresholdSAE
 from atoms.train.loop import TrainConfig, Trainer
-from benchmarks.common import median_seconds, record
+from benchmarks.common import median_seconds, record, step_shapes
 from benchmarks.train_step import SHAPES
 
 VARIANTS = ("euclidean", "aip (mapped once)", "aip (mapped per batch)")
@@ -48,11 +46,7 @@ def step_seconds(b: int, d: int, n: int, variant: str, trained: bool, repeats: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
-    args = parser.parse_args()
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    repeats = 3 if args.quick else 5
+    shapes, repeats = step_shapes(__doc__.splitlines()[0], SHAPES)
     rows = []
     for b, d, n in shapes:
         for trained in (False, True):

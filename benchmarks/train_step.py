@@ -11,13 +11,11 @@ step, and the sparse one at a trained sparsity (θ set so that L0 ≈ 48); the l
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from atoms.sae.model import SAEConfig, ThresholdSAE
 from atoms.train.loop import TrainConfig, Trainer
-from benchmarks.common import matmul_gflops, median_seconds, record
+from benchmarks.common import matmul_gflops, median_seconds, record, step_shapes
 
 SHAPES = [(4096, 576, 2304), (2048, 2304, 9216)]
 STEPS = {"reference": ("reference", False), "dense": ("dense", False), "sparse": ("sparse", True)}
@@ -36,11 +34,7 @@ def step_seconds(b: int, d: int, n: int, step: str, trained: bool, repeats: int)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
-    args = parser.parse_args()
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    repeats = 3 if args.quick else 5
+    shapes, repeats = step_shapes(__doc__.splitlines()[0], SHAPES)
     rows = []
     for b, d, n in shapes:
         # Alternate ceiling and step measurements so drift on a noisy machine hits both.

@@ -20,7 +20,8 @@ def planted():
 def test_the_controller_reaches_the_target_l0_on_held_out_rows(planted, kind, start, target):
     sae = build_sae(SAEConfig(d_in=32, d_sae=192, kind=kind, seed=0))
     cfg = TrainConfig(steps=800, batch_size=256, lr=2e-3, sparsity_coeff=start,
-                      target_l0=target, sparsity_warmup_steps=50, lr_warmup_steps=20)
+                      target_l0=target, sparsity_warmup_steps=50, lr_warmup_steps=20,
+                      l0_until=0.8)
     result = train_sae(sae, planted[:8000], cfg, progress=False)
     held = evaluate_sae(sae, planted[8000:])["eval_l0_mean"]
     assert abs(held / target - 1) <= 0.10, (held, target)

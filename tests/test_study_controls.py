@@ -94,3 +94,15 @@ def test_stability_columns_need_two_seeds(tmp_path, shards):
         random["stability_random_pw_mcc"].iloc[0], abs=0.1)
     assert table.loc[table["family"] == "neurons", "stability_pw_mcc"].isna().all()
     assert isinstance(table, pd.DataFrame)
+
+
+def test_a_trial_run_steers_and_evaluates_on_the_study_validation_rows(tmp_path, shards):
+    from atoms.study.trial import run_settings
+    from atoms.train.batches import DataSplit, held_out_rows
+
+    ctx = context_for(tmp_path, shards)
+    run = run_settings(ctx, cells(ctx.cfg, ctx.h)["tsae-D32-M1024-s0"][0])
+    split = DataSplit.of(shards, run.holdout_shards)
+    assert torch.equal(held_out_rows(split, run.eval_rows, run.eval_pool), ctx.validation)
+    pool = held_out_rows(split, run.eval_pool, run.eval_pool)
+    assert torch.equal(pool[len(ctx.validation):], ctx.test)  # disjoint, same documents

@@ -45,9 +45,11 @@ class StudyData:
     holdout_shards: int = 1
     """The last this-many shards (later documents) are held out."""
     validation_rows: int = 2048
-    """Held-out rows that pick λ (the Optuna objective)."""
+    """Held-out rows that pick λ (the Optuna objective) and steer it (``search: control``)."""
     test_rows: int = 4096
-    """Further held-out rows on which every reported metric is measured."""
+    """Further held-out rows on which every reported metric is measured. Both are drawn by one
+    seeded permutation of the first validation_rows + test_rows held-out rows, so they are two
+    random samples of the same held-out documents."""
     aip_floor: float = 1e-6
     """Eigenvalue floor (relative to λ_max) when fitting S̃ for the study."""
 

@@ -17,7 +17,7 @@ from atoms.store.storage import Storage, redact, redact_all
 from atoms.study.config import StudyConfig
 from atoms.study.plan import check_against_manifest, check_scale, planned_split
 from atoms.study.trial import StudyContext
-from atoms.train.batches import DataSplit, read_rows
+from atoms.train.batches import DataSplit, held_out_rows
 
 
 def _extracted_layer(cfg: StudyConfig) -> str:
@@ -70,7 +70,8 @@ def context(cfg: StudyConfig, folder: str, aip_path: str) -> StudyContext:
     local = local_layer(folder)  # a URI's shards come to this node's mirror
     split = DataSplit.of(local, cfg.data.holdout_shards)  # every sha256 checked
     check_scale(cfg, split.train_rows, split.holdout_rows, redact(folder))
-    held = read_rows(split.holdout, split.d, cfg.data.validation_rows + cfg.data.test_rows)
+    pool = cfg.data.validation_rows + cfg.data.test_rows
+    held = held_out_rows(split, pool, pool)  # validation first: a run's own held-out rows
     manifest = load_manifest(local)
     meta = {"model": manifest.model, "revision": manifest.revision, "site": manifest.site,
             "layer": manifest.layer, "positions": manifest.positions,

@@ -94,6 +94,7 @@ def run_settings(ctx: StudyContext, trial: Trial) -> RunSettings:
     return RunSettings(
         data=ctx.folder, out=ctx.trial_out(trial.key), executor=cfg.execution.trial_executor,
         holdout_shards=cfg.data.holdout_shards, eval_rows=cfg.data.validation_rows,
+        eval_pool=cfg.data.validation_rows + cfg.data.test_rows,
         eval_every=10**9, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1,
         aip="auto", train_rows=trial.train_rows, torch_threads=ctx.threads)
 

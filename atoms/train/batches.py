@@ -196,6 +196,20 @@ def read_rows(paths: list[Path], d: int, max_rows: int) -> torch.Tensor:
     return x
 
 
+HELD_OUT_SEED = 0
+
+
+def held_out_rows(split: DataSplit, rows: int, pool: int = 0) -> torch.Tensor:
+    """``rows`` held-out rows: the first in order (``pool`` 0), or the first of a permutation
+    (seed ``HELD_OUT_SEED``) of the first ``pool`` held-out rows, so that the first ``rows`` and
+    the rest of the pool are two random samples of the same documents."""
+    if not pool:
+        return read_rows(split.holdout, split.d, rows)
+    x = read_rows(split.holdout, split.d, pool)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+    return x[order][:rows]
+
+
 def fits_in_memory(rows: int, d: int, gb: float) -> bool:
     """Whether ``rows`` float32 rows of width ``d`` fit in ``gb`` GB (``run.in_memory_gb``)."""
     return rows * d * 4 <= gb * 2**30

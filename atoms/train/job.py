@@ -25,6 +25,11 @@ class RunSettings:
     """The last this-many shards (later documents) are held out for evaluation."""
     eval_rows: int = 16384
     """Rows of held-out data (and of training data, for train R²) per evaluation."""
+    eval_pool: int = 0
+    """Draw the ``eval_rows`` held-out rows as the first of a seeded permutation of the first
+    this-many held-out rows (0: the first ``eval_rows`` in order). A study sets it so a run's
+    rows are exactly its validation rows, a random sample of the same documents as its test
+    rows (``atoms.train.batches.held_out_rows``)."""
     eval_every: int = 0
     """Steps between held-out evaluations (0: once per pass over the training rows); the
     final evaluation always runs."""
@@ -45,6 +50,8 @@ class RunSettings:
     def __post_init__(self):
         require(self.holdout_shards >= 1, "holdout_shards", "must be at least 1")
         require(self.eval_rows >= 1, "eval_rows", "must be positive")
+        require(self.eval_pool == 0 or self.eval_pool >= self.eval_rows, "eval_pool",
+                f"must be 0 or ≥ eval_rows={self.eval_rows}, got {self.eval_pool}")
         require(self.eval_every >= 0, "eval_every", "must be non-negative")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be positive")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")

@@ -62,7 +62,7 @@ class TrainConfig:
     """The controller's proportional gain kₚ."""
     l0_every: int = 10
     """Steps between controller updates."""
-    l0_until: float = 0.8
+    l0_until: float = 0.95
     """Fraction of the steps after which λ stays fixed."""
     resample_every: int = 0
     """Every this many steps, re-initialise latents that did not fire in the window (0: off)."""

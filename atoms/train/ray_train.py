@@ -29,9 +29,9 @@ from atoms.train.batches import (
     TensorBatches,
     epoch_files,
     fits_in_memory,
+    held_out_rows,
     in_geometry,
     parquet_rows,
-    read_rows,
 )
 from atoms.train.checkpoint import find_checkpoints, load_checkpoint, write_checkpoint
 from atoms.train.job import TrainJob
@@ -159,7 +159,8 @@ def _worker(config: dict) -> None:
     if payload is not None:
         trainer.load_state_dict(payload)
     source = in_geometry(worker_source(prep, rank, world, device), prep.whitening)
-    holdout = read_rows(split.holdout, split.d, run.eval_rows).to(device) if rank == 0 else None
+    holdout = held_out_rows(split, run.eval_rows, run.eval_pool).to(device) if rank == 0 \
+        else None
     evaluator = prep.evaluator(holdout) if rank == 0 else (lambda sae: None)
     if cfg.target_l0:
         trainer.set_l0_probe(holdout)

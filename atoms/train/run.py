@@ -37,6 +37,7 @@ from atoms.train.batches import (
     ShardBatches,
     TensorBatches,
     fits_in_memory,
+    held_out_rows,
     in_geometry,
     read_rows,
 )
@@ -270,7 +271,7 @@ def train_local(job: TrainJob, progress: bool = True, hooks: Iterable[Hook] = ()
         source = ShardBatches(split.train, split.d, cfg.batch_size, cfg.seed,
                               shuffle_rows=run.shuffle_rows)
     source = in_geometry(source, prep.whitening)
-    holdout = read_rows(split.holdout, split.d, run.eval_rows)
+    holdout = held_out_rows(split, run.eval_rows, run.eval_pool)
     if cfg.target_l0:
         trainer.set_l0_probe(holdout)
     timer, meta = StepTimer(cfg.batch_size), prep.metadata()
