@@ -26,6 +26,8 @@ METRICS: list[str] = [*R2, *(f"train_{m}" for m in R2), "q_star_pairwise", "q_st
                       "q_star_per_activation", "uniqueness_pct", "l0_mean", "dead_fraction",
                       "mono_score", "stability_matched_fraction", "stability_pw_mcc"]
 """Metric columns ``aggregate`` summarises (those present in the table)."""
+STABILITY = ["stability_matched_fraction", "stability_pw_mcc"]
+"""Cross-seed stability: one value per group with its own interval over seed pairs."""
 PRIMARY_R2, PRIMARY_Q = "r2_euclid_centred", "q_star_pairwise"
 LEVEL = 0.95
 
@@ -133,13 +135,20 @@ def aggregate(table: pd.DataFrame) -> pd.DataFrame:
     """Best λ per cell, then per (model, site, layer, unit_set, family, |D|/H, |M|): each metric's
     mean and 95% interval over seeds, and ``n_seeds``."""
     b = best(table)
-    return interval_table(b, GROUP, [m for m in METRICS if m in b])
+    out = interval_table(b, GROUP, [m for m in METRICS if m in b])
+    for m in STABILITY:  # a property of the group: its interval is over seed pairs, not seeds
+        if f"{m}_lo" in b and f"{m}_mean" in out:
+            own = b.groupby(GROUP, dropna=False, sort=True)[[f"{m}_lo", f"{m}_hi"]].first()
+            out[f"{m}_lo"] = own[f"{m}_lo"].to_numpy()
+            out[f"{m}_hi"] = own[f"{m}_hi"].to_numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------- headline
 
 HEADLINE = {f"{PRIMARY_R2}_mean": "r2_mean", f"{PRIMARY_R2}_lo": "r2_lo",
-            f"{PRIMARY_R2}_hi": "r2_hi", f"{PRIMARY_Q}_mean": "q_star_mean",
+            f"{PRIMARY_R2}_hi": "r2_hi", "r2_aip_centred_mean": "r2_aip",
+            f"{PRIMARY_Q}_mean": "q_star_mean",
             f"{PRIMARY_Q}_lo": "q_star_lo", f"{PRIMARY_Q}_hi": "q_star_hi",
             "uniqueness_pct_mean": "uniqueness_pct", "l0_mean_mean": "l0",
             "dead_fraction_mean": "dead_fraction", "mono_score_mean": "mono_score",

@@ -325,7 +325,7 @@ def l0_samples(rows: pd.DataFrame, x: torch.Tensor, neuron_tol: float = 1e-6
         label = r["unit_set"] + ("" if r["unit_set"] == "neurons" or pd.isna(d) else f" {d:g}H")
         if r["unit_set"] == "neurons":
             out[label] = l0_per_row(x, neuron_tol).numpy()
-        elif r["family"] == "random":
+        elif r["family"] in ("random", "exemplar"):
             notes.append(f"{label}: OMP codes with a fixed K (L0 {r.get('l0_mean', 0):.0f} by "
                          "construction)")
         else:

@@ -41,7 +41,8 @@ UNIT_COLUMNS = {"unit_set": "unit set", "family": "family", "d_sae_over_h": "|D|
                 "stability_pw_mcc": "PW-MCC"}
 HEADLINE_COLUMNS = {"model": "model", "layer": "layer", "unit_set": "unit set",
                     "d_sae_over_h": "|D|/H", "train_rows": "|M|", "k": "k / K",
-                    "r2": "R² (held out)", "q_star": "q* (pairwise)",
+                    "r2": "R² (held out)", "r2_aip": "AIP R² (held out)",
+                    "q_star": "q* (pairwise)",
                     "uniqueness_pct": "unique %", "l0": "L0", "dead_fraction": "dead",
                     "stability_matched": "seed-stable", "stability_pw_mcc": "PW-MCC",
                     "mono_score": "mono score", "n_seeds": "seeds"}
@@ -251,18 +252,21 @@ def control_verdicts(heads: pd.DataFrame) -> list[str]:
     exemplar control's (at the L0s shown; the sets are not at matched sparsity unless the
     study made them so)."""
     lines = []
-    if heads.empty or not {"r2", "l0", "family"} <= set(heads):
+    if heads.empty or not {"r2_mean", "l0", "family"} <= set(heads):
         return lines
+    metrics = [(c, name) for c, name in (("r2_mean", "R²"), ("r2_aip", "AIP R²")) if c in heads]
     for key, g in _groups(heads):
-        ex = g[(g["family"] == "exemplar") & g["r2"].notna()]
-        if ex.empty:
-            continue
-        top = ex.loc[ex["r2"].idxmax()]
-        for r in g[g["family"].isin(LEARNED) & g["r2"].notna()].itertuples():
-            above = "above" if r.r2 > top["r2"] else "**not above**"
-            lines.append(f"{r.unit_set} ({_where(key)}): held-out R² {r.r2:.3f} at L0 "
-                         f"{r.l0:.1f}, {above} the exemplar control {top['unit_set']} "
-                         f"({top['r2']:.3f} at L0 {top['l0']:.1f}).")
+        for col, name in metrics:
+            ex = g[(g["family"] == "exemplar") & g[col].notna()]
+            if ex.empty:
+                continue
+            top = ex.loc[ex[col].idxmax()]
+            for r in g[g["family"].isin(LEARNED) & g[col].notna()].itertuples():
+                value = getattr(r, col)
+                above = "above" if value > top[col] else "**not above**"
+                lines.append(f"{r.unit_set} ({_where(key)}): held-out {name} {value:.3f} at "
+                             f"L0 {r.l0:.1f}, {above} the exemplar control {top['unit_set']} "
+                             f"({top[col]:.3f} at L0 {top['l0']:.1f}).")
     return lines
 
 

@@ -196,3 +196,21 @@ def test_main_on_a_stored_study_publishes_its_report(study, s3_server, storage_c
     assert {"report.html", "report.md", "report_files/r2_heatmap_0.png"} <= set(stored)
     assert store.read_bytes("report.md") == (local / "report.md").read_bytes()
     assert "| atoms | 4 | 0.7 [" in (local / "report.md").read_text()
+
+
+def test_control_verdicts_compare_each_learned_set_with_the_best_exemplar():
+    import pandas as pd
+
+    from analysis.report import control_verdicts
+
+    heads = pd.DataFrame({
+        "model": "m", "site": "resid_post", "layer": 1,
+        "unit_set": ["atoms", "relu_features", "exemplar_k1", "exemplar_k8", "random"],
+        "family": ["tsae", "relu", "exemplar", "exemplar", "random"],
+        "r2_mean": [0.9, 0.6, 0.5, 0.7, 0.1], "l0": [8.0, 8.0, 1.0, 8.0, 8.0]})
+    lines = control_verdicts(heads)
+    assert len(lines) == 2
+    aip = control_verdicts(heads.assign(r2_aip=[0.2, 0.3, 0.4, 0.1, 0.0]))[2:]
+    assert all("**not above**" in line and "exemplar_k1" in line for line in aip)
+    assert lines[0].startswith("atoms") and " above the exemplar control exemplar_k8" in lines[0]
+    assert "**not above**" in lines[1] and lines[1].startswith("relu_features")
