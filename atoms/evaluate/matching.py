@@ -32,9 +32,11 @@ def unit_rows(x, name: str, aip: AIP | None = None) -> torch.Tensor:
     return w / norms
 
 
-def abs_cosines(a, b, aip: AIP | None = None) -> torch.Tensor:
-    """(Na, Nb) |cos| between the rows of ``a`` and ``b`` (AIP cosines when ``aip`` is given)."""
-    ua, ub = unit_rows(a, "directions a", aip), unit_rows(b, "directions b", aip)
+def abs_cosines(a, b, aip: AIP | None = None, names=("directions a", "directions b")
+                ) -> torch.Tensor:
+    """(Na, Nb) |cos| between the rows of ``a`` and ``b`` (AIP cosines when ``aip`` is given);
+    errors name the sets by ``names``."""
+    ua, ub = unit_rows(a, names[0], aip), unit_rows(b, names[1], aip)
     if ua.shape[1] != ub.shape[1]:
         raise InputError(f"matching: widths {ua.shape[1]} and {ub.shape[1]} differ")
     return (ua @ ub.T).abs_()

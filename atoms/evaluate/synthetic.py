@@ -214,7 +214,7 @@ class AtomMatch:
 def match_atoms(learned, true) -> AtomMatch:
     """Hungarian matching of learned to true directions on |cos| (Euclidean; parallel
     directions are parallel in every metric)."""
-    cos = abs_cosines(true, learned)
+    cos = abs_cosines(true, learned, names=("match_atoms: true", "match_atoms: learned"))
     rows, cols, _ = assign(cos)
     cosines = np.zeros(cos.shape[0])
     assignment = np.full(cos.shape[0], -1)
