@@ -91,3 +91,26 @@ def test_workers_that_leave_no_cpu_for_ray_data_are_refused(shard_set, tmp_path,
     with pytest.raises(ConfigError, match="leave less than 1 of the cluster's 2 CPUs"):
         train_ray(job(shard_set, tmp_path, run=RAY, ray=hungry), progress=False)
     assert not (tmp_path / RAY_FOLDER).exists()
+
+
+def test_two_workers_train_in_the_aip_geometry_at_a_target_l0(tmp_path_factory, ray_session):
+    """Ray Train with whitened batches on every worker and the controller steered by rank 0's
+    held-out rows (broadcast): the saved SAE is folded and sits near the target L0."""
+    from atoms.aip.metric import AIP, SecondMoment, save_aip
+    from atoms.extract.shards import ShardSet
+    from atoms.train.batches import read_rows
+
+    folder = synthetic_shard_set(tmp_path_factory.mktemp("aip") / "resid_post" / "layer_0")
+    s = ShardSet.open(folder)
+    save_aip(AIP.from_moment(SecondMoment(s.d).update(read_rows(s.paths, s.d, 8192))),
+             folder / "aip.safetensors")
+    out = tmp_path_factory.mktemp("aip-run")
+    spec = job(folder, out, run=RAY, ray=WORKERS,
+               sae={"geometry": "aip", "bandwidth": 0.01, "init_threshold": 0.001, "bias": True},
+               train={"steps": 300, "sparsity_coeff": 1e-3, "target_l0": 6.0,
+                      "sparsity_warmup_steps": 30, "lr": 2e-3})
+    metrics = train_ray(spec, progress=False)
+    sae = load_sae(metrics["sae_path"])
+    assert sae.whiten is None and sae.trained_geometry["geometry"] == "aip"
+    assert abs(metrics["eval_l0_mean"] / 6.0 - 1) <= 0.25, metrics["eval_l0_mean"]
+    assert metrics["history"][-1]["sparsity_coeff"] != 1e-3
