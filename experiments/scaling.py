@@ -1,6 +1,7 @@
 """The scaling study: atoms vs features vs neurons, and R² over dictionary size × data scale.
 
     python experiments/scaling.py [--config experiments/configs/scaling/smollm2-135m-demo.yaml]
+    python experiments/scaling.py --config ... --dry-run   # check and print the plan only
     ray job submit -- python experiments/scaling.py --config ...      # on a Ray cluster
 
 From one YAML config: extract (or reuse) one layer's activations, fit the AIP S̃, then run every
@@ -32,9 +33,9 @@ from atoms.store.ray_env import ensure_ray
 from atoms.store.results import MONOSEMANTICITY, ResultStore, publish_results, pull_results
 from atoms.store.storage import Storage, is_remote, redact
 from atoms.study.config import StudyConfig
-from atoms.study.plan import pending_trials, write_plan
+from atoms.study.plan import describe_plan, pending_trials, write_plan
 from atoms.study.ray_sweep import run_sweep
-from atoms.study.setup import context, precheck, shard_folder, study_aip
+from atoms.study.setup import context, planned_width, precheck, shard_folder, study_aip
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "scaling" / "smollm2-135m-demo.yaml"
 
@@ -60,12 +61,18 @@ def finish(cfg: StudyConfig, store: ResultStore, aip=None) -> tuple[str, Path, P
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, StudyConfig).parse_args(argv)
+    parser = config_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, StudyConfig)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, print the plan and exit (no Ray, no work)")
+    args = parser.parse_args(argv)
     cfg = load_config(StudyConfig, args)
     cfg.out = Storage(cfg.out).uri  # trials run in other working directories
     progress = not args.quiet
     start = time.perf_counter()
     precheck(cfg)
+    if args.dry_run:
+        print(describe_plan(cfg, planned_width(cfg)))
+        return
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     ensure_ray(progress=False)
     folder = shard_folder(cfg, progress)

@@ -347,3 +347,26 @@ def test_every_shipped_study_config_loads_and_plans(path):
 def test_config_rejects_fields_the_study_sets():
     with pytest.raises(ConfigError, match="sae.d_sae"):
         from_dict(StudyConfig, {"sae": {"d_sae": 3}})
+
+
+@pytest.mark.parametrize("with_shards", [True, False])
+def test_dry_run_prints_the_plan_without_ray_or_work(tmp_path, shards, capsys, monkeypatch,
+                                                     with_shards):
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(scaling, "ensure_ray", no_ray)
+    if with_shards:
+        data = study_dict(shards, tmp_path / "out", **{"baselines.exemplar_k": [2]})
+        h = 32
+    else:
+        data = yaml.safe_load(TINY.read_text())
+        data["out"] = str(tmp_path / "out")
+        data["data"]["extract"]["out"] = str(tmp_path / "acts")
+        h = 64  # tiny-random's hidden size
+    code = run(scaling.main, ["--config", str(write_config(tmp_path, data)), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and f"H = {h}" in out and "total:" in out
+    cfg = from_dict(StudyConfig, data)
+    assert f"total: {sum(len(v) for v in cells(cfg, h).values())} trials" in out
+    assert not (tmp_path / "out" / "rows").exists() and not (tmp_path / "acts").exists()

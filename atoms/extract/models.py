@@ -94,14 +94,33 @@ def model_revision(name: str, revision: str | None = None) -> str:
     return _locate(name, revision)[2]
 
 
-def num_layers(name: str, revision: str | None = None) -> int:
-    """Number of transformer blocks, read from the config alone."""
+def _text_config(name: str, revision: str | None):
     source, resolved, _ = _locate(name, revision)
     try:
         config = AutoConfig.from_pretrained(source, revision=resolved)
     except (OSError, ValueError, KeyError) as e:
         raise ModelNotAvailable(f"model '{name}' is not available: {_reason(e)}") from None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def site_width(name: str, site: str, revision: str | None = None) -> int:
+    """Width of a site's activations, read from the config alone: the residual stream's
+    (``resid_post``, ``mlp_out``) or the MLP's hidden layer (``mlp_key``)."""
+    text = _text_config(name, revision)
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    if site == "mlp_key":
+        width = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) \
+            or (4 * hidden if hidden else None)
+    else:
+        width = hidden
+    if not isinstance(width, int):
+        raise InputError(f"model '{name}': its config states no width for site {site!r}")
+    return width
+
+
+def num_layers(name: str, revision: str | None = None) -> int:
+    """Number of transformer blocks, read from the config alone."""
+    text = _text_config(name, revision)
     for key in ("num_hidden_layers", "n_layer"):
         if isinstance(getattr(text, key, None), int):
             return getattr(text, key)

@@ -179,6 +179,31 @@ def pending_trials(cfg: StudyConfig, h: int, store: ResultStore):
     return todo_by_cell, done, total
 
 
+def describe_plan(cfg: StudyConfig, h: int) -> str:
+    """The plan as text: per family its cells, trials, steps per trial and training rows, then
+    the totals (what ``experiments/scaling.py --dry-run`` prints)."""
+    plan = cells(cfg, h)
+    lines = [f"study {cfg.name}: H = {h}, |D| = {cfg.grid.latents(h)}, "
+             f"|M| = {cfg.grid.train_rows}, seeds {cfg.grid.seeds}",
+             f"{'family':<18}{'cells':>7}{'trials':>8}{'steps/trial':>13}{'rows/step':>11}"]
+    total_trials = total_steps = 0
+    for family in dict.fromkeys(t.family for ts in plan.values() for t in ts):
+        trials = [t for ts in plan.values() for t in ts if t.family == family]
+        steps = sorted({trial_steps(cfg, t.train_rows) for t in trials}) \
+            if family in TRAINED else [0]
+        batch = min(cfg.train.batch_size, max(t.train_rows for t in trials)) \
+            if family in TRAINED else 0
+        n_cells = len({t.cell for t in trials})
+        span = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+        lines.append(f"{family:<18}{n_cells:>7}{len(trials):>8}{span:>13}{batch:>11}")
+        total_trials += len(trials)
+        total_steps += sum(trial_steps(cfg, t.train_rows) for t in trials) \
+            if family in TRAINED else 0
+    lines.append(f"total: {total_trials} trials, {total_steps:,} training steps; sparsity "
+                 f"search '{cfg.sparsity.search}', target L0 {cfg.sparsity.target_l0:g}")
+    return "\n".join(lines)
+
+
 def write_plan(cfg: StudyConfig, todo: dict[str, list[Trial]], total: int) -> None:
     """``<out>/study.json``: the config (secrets redacted), the trial count, what is pending."""
     Storage(cfg.out).write_json("study.json", {

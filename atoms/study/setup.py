@@ -10,6 +10,7 @@ from atoms.core.config import to_dict
 from atoms.core.errors import ConfigError
 from atoms.core.io import code_version
 from atoms.extract.extraction import check_model_layers
+from atoms.extract.models import site_width
 from atoms.extract.ray_extract import run_extraction
 from atoms.extract.shard_store import load_layer_manifest, local_layer
 from atoms.extract.shards import MANIFEST, layer_folder, load_manifest
@@ -45,6 +46,16 @@ def precheck(cfg: StudyConfig) -> None:
         check_model_layers(ex)
         train, held = planned_split(cfg)
         check_scale(cfg, train, held, f"data.extract (max_tokens={ex.max_tokens})")
+
+
+def planned_width(cfg: StudyConfig) -> int:
+    """H of the study's activations without extracting them: the shard set's when it exists,
+    else the model config's width of the site (no weights, no Ray)."""
+    folder = cfg.data.shards or _extracted_layer(cfg)
+    if cfg.data.shards or Storage(folder).exists(MANIFEST):
+        return load_layer_manifest(folder).d
+    ex = cfg.data.extract
+    return site_width(ex.model, ex.sites[0], ex.revision)
 
 
 def shard_folder(cfg: StudyConfig, progress: bool) -> str:
