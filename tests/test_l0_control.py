@@ -51,3 +51,10 @@ def test_a_training_run_steers_by_its_held_out_rows(tmp_path):
     metrics = train_local(spec, progress=False)
     assert abs(metrics["eval_l0_mean"] / 6.0 - 1) <= 0.10, metrics["eval_l0_mean"]
     assert metrics["history"][-1]["sparsity_coeff"] != 1e-3
+
+
+def test_a_controlled_run_needs_a_positive_starting_lambda():
+    from atoms.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sparsity_coeff.*starting λ"):
+        TrainConfig(target_l0=8.0, sparsity_coeff=0.0)

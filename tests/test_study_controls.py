@@ -106,3 +106,11 @@ def test_a_trial_run_steers_and_evaluates_on_the_study_validation_rows(tmp_path,
     assert torch.equal(held_out_rows(split, run.eval_rows, run.eval_pool), ctx.validation)
     pool = held_out_rows(split, run.eval_pool, run.eval_pool)
     assert torch.equal(pool[len(ctx.validation):], ctx.test)  # disjoint, same documents
+
+
+def test_a_controlled_study_with_no_starting_lambda_fails_before_work(tmp_path, shards):
+    from atoms.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sparsity_coeff"):
+        context_for(tmp_path, shards, **{"sparsity.search": "control",
+                                         "sparsity.sparsity_coeff": [0.0]})

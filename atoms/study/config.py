@@ -134,6 +134,8 @@ class Sparsity:
         if self.search in ("grid", "control"):
             require(len(self.sparsity_coeff) > 0, "sparsity_coeff", "is empty: list at least one")
             require(all(v >= 0 for v in self.sparsity_coeff), "sparsity_coeff", "must be ≥ 0")
+        require(self.search != "control" or self.sparsity_coeff[0] > 0, "sparsity_coeff",
+                "search 'control' starts from sparsity_coeff[0], which must be positive")
         _coeff_range(self.sparsity_coeff_range, "sparsity_coeff_range")
         require(self.samples >= 1, "samples", "must be at least 1")
         require(self.target_l0 > 0, "target_l0", "must be positive")
@@ -191,6 +193,9 @@ class Baselines:
         require(all(k >= 1 for k in self.exemplar_k), "exemplar_k", "every K must be ≥ 1")
         require(not self.relu or self.relu_search == "optuna" or len(self.relu_sparsity_coeff) > 0,
                 "relu_sparsity_coeff", "is empty")
+        require(not self.relu or self.relu_search != "control" or self.relu_sparsity_coeff[0] > 0,
+                "relu_sparsity_coeff", "relu_search 'control' starts from "
+                "relu_sparsity_coeff[0], which must be positive")
         _coeff_range(self.relu_sparsity_coeff_range, "relu_sparsity_coeff_range")
 
 

@@ -90,6 +90,8 @@ class TrainConfig:
         require(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be non-negative")
         require(self.sparsity_warmup_steps >= 0, "sparsity_warmup_steps", "must be non-negative")
         require(self.target_l0 >= 0, "target_l0", f"must be ≥ 0, got {self.target_l0}")
+        require(not self.target_l0 or self.sparsity_coeff > 0, "sparsity_coeff",
+                "must be positive with target_l0 (it is the controller's starting λ)")
         require(self.l0_gain > 0, "l0_gain", "must be positive")
         require(self.l0_proportional >= 0, "l0_proportional", "must be ≥ 0")
         require(self.l0_every >= 1, "l0_every", "must be positive")
