@@ -40,8 +40,8 @@ def step_seconds(b: int, d: int, n: int, variant: str, trained: bool, repeats: i
                                        sparsity_warmup_steps=0, log_every=10**8, step=
                                        "sparse" if trained else "dense"))
     if variant == "aip (mapped per batch)":
-        centre, whiten = w.centre.float(), w.whiten.float()
-        return median_seconds(lambda: trainer.step((raw - centre) @ whiten), repeats, warmup=2)
+        cast = w.to(raw)
+        return median_seconds(lambda: trainer.step(cast.apply(raw)), repeats, warmup=2)
     return median_seconds(lambda: trainer.step(x), repeats, warmup=2)
 
 

@@ -274,9 +274,13 @@ class Whitening:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.whiten, self.unwhiten, self.centre
 
+    def to(self, ref: torch.Tensor) -> Whitening:
+        """This map in the dtype and on the device of ``ref``."""
+        return Whitening(*(t.to(ref) for t in self.tensors()))
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """(x − c) P in float64."""
-        return (torch.as_tensor(x).to(torch.float64) - self.centre) @ self.whiten
+        """(x − c) P, in this map's dtype (``to`` casts it first)."""
+        return (x - self.centre) @ self.whiten
 
 
 def save_aip(aip: AIP, path: str | Path, metadata: dict | None = None) -> Path:

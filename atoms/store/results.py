@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load, save
 
 from atoms.core.errors import InputError
 from atoms.store.storage import Storage, pull
@@ -60,17 +62,12 @@ class ResultStore:
         """The unit directions (N, H) of unit set ``name`` of trial ``key``, as float16
         safetensors ``<out>/units/<key>/<name>.safetensors`` (cross-seed stability reads them);
         written before the trial's rows, so a finished trial always has them."""
-        import torch
-        from safetensors.torch import save
-
         data = save({"directions": torch.as_tensor(directions).detach().cpu().half()
                      .contiguous()})
         return self.storage.write_bytes(f"{UNITS}/{key}/{name}.safetensors", data)
 
     def read_units(self, key: str, name: str):
         """The float32 (N, H) directions ``write_units`` stored."""
-        from safetensors.torch import load
-
         rel = f"{UNITS}/{key}/{name}.safetensors"
         if self.storage.size(rel) is None:
             raise InputError(f"{self.storage.show(rel)}: unit directions missing")

@@ -58,16 +58,15 @@ class MappedBatches:
 
     def __init__(self, source, whitening: Whitening):
         self.source, self.whitening = source, whitening
-        self._maps: dict = {}
+        self._cast: dict = {}
+        """The map in each (device, dtype) the batches come in, cast once."""
 
     def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
         for batch in self.source.epoch(epoch):
             key = (batch.device, batch.dtype)
-            if key not in self._maps:
-                w = self.whitening
-                self._maps[key] = (w.centre.to(batch), w.whiten.to(batch))
-            centre, whiten = self._maps[key]
-            yield (batch - centre) @ whiten
+            if key not in self._cast:
+                self._cast[key] = self.whitening.to(batch)
+            yield self._cast[key].apply(batch)
 
 
 def in_geometry(source, whitening: Whitening | None):
@@ -76,8 +75,7 @@ def in_geometry(source, whitening: Whitening | None):
     if whitening is None:
         return source
     if isinstance(source, TensorBatches):
-        w = whitening
-        data = (source.data - w.centre.to(source.data)) @ w.whiten.to(source.data)
+        data = whitening.to(source.data).apply(source.data)
         return TensorBatches(data, source.batch_size, source.seed, source.rank)
     return MappedBatches(source, whitening)
 

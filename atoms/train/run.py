@@ -156,7 +156,7 @@ def prepare(job: TrainJob) -> Prepared:
     whitening = _whitening(sae_cfg, aip_path, split.folder)
     sample = train_sample(split, 16384)
     if whitening is not None:
-        sample = whitening.apply(sample)
+        sample = whitening.apply(sample.double())
     return Prepared(job, split, sae_cfg, aip_path, input_scale(sample), whitening)
 
 
