@@ -24,7 +24,8 @@ GROUP = ["model", "site", "layer", "unit_set", "family", "d_sae_over_h", "train_
 R2 = ["r2_euclid_centred", "r2_euclid_uncentred", "r2_aip_centred", "r2_aip_uncentred"]
 METRICS: list[str] = [*R2, *(f"train_{m}" for m in R2), "q_star_pairwise", "q_star_per_unit",
                       "q_star_per_activation", "uniqueness_pct", "l0_mean", "dead_fraction",
-                      "mono_score", "stability_matched_fraction", "stability_pw_mcc"]
+                      "mono_score", "stability_matched_fraction", "stability_pw_mcc",
+                      "converged", "steps"]
 """Metric columns ``aggregate`` summarises (those present in the table)."""
 STABILITY = ["stability_matched_fraction", "stability_pw_mcc"]
 """Cross-seed stability: one value per group with its own interval over seed pairs."""

@@ -26,7 +26,7 @@ from atoms.extract.shards import is_shard_set  # noqa: E402
 from atoms.sae.formats import load_any_sae  # noqa: E402
 from atoms.sae.model import SparseAutoencoder  # noqa: E402
 from atoms.store.storage import locate  # noqa: E402
-from atoms.train.batches import DataSplit, read_rows  # noqa: E402
+from atoms.train.batches import DataSplit, held_out_rows  # noqa: E402
 
 COLOURS = {"atoms": "#1b6ca8", "relu_features": "#e07b39", "neurons": "#444444",
            "random": "#9a9a9a"}
@@ -64,10 +64,18 @@ def r2_heatmap(grid: pd.DataFrame, dstar: pd.DataFrame | None = None, law: dict 
     """Held-out R² over |M| (rows of ``grid``) × |D|/H (columns), annotated, with the boundary
     |D|*(|M|) of ``critical_capacity`` (points with interval bars) and, when ``law`` (from
     ``fit_power_law``) is supported, the line |D|* = e^a·|M|^α drawn in units of H."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    r2_heatmap_on(fig, ax, grid, dstar, law, title)
+    fig.tight_layout()
+    return fig
+
+
+def r2_heatmap_on(fig: Figure, ax, grid: pd.DataFrame, dstar: pd.DataFrame | None,
+                  law: dict | None, title: str, label: str = "held-out R² (centred)") -> None:
+    """``r2_heatmap`` drawn on ``ax`` of ``fig``, its colour bar labelled ``label``."""
     cols = np.asarray(grid.columns, dtype=float)
     rows = np.asarray(grid.index, dtype=float)
     values = grid.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     row_edges = _log_edges(rows)
     mesh = ax.pcolormesh(_log_edges(cols), row_edges, np.ma.masked_invalid(values),
                          cmap="viridis", shading="flat")
@@ -86,11 +94,9 @@ def r2_heatmap(grid: pd.DataFrame, dstar: pd.DataFrame | None = None, law: dict 
     ax.minorticks_off()
     ax.set_xlabel("|D| / H (dictionary size)")
     ax.set_ylabel("|M| (training rows)")
-    fig.colorbar(mesh, ax=ax, label="held-out R² (centred)")
+    fig.colorbar(mesh, ax=ax, label=label)
     status = _boundary(ax, dstar, law, rows)
     ax.set_title(f"{title}\n{status}" if title else status, fontsize=10)
-    fig.tight_layout()
-    return fig
 
 
 def _boundary(ax, dstar, law, rows) -> str:
@@ -274,7 +280,7 @@ def held_out_sample(row: pd.Series, n: int = SAMPLE_ROWS, seed: int = 0) -> torc
     val, test = int(data.get("validation_rows", 0)), int(data.get("test_rows", n))
     try:
         split = DataSplit.of(folder, int(data.get("holdout_shards", 1)), verify=False)
-        held = read_rows(split.holdout, split.d, val + test)[val:]
+        held = held_out_rows(split, val + test, val + test)[val:]
     except (AtomsError, OSError) as e:
         raise Skipped(f"activation shards at {folder} not readable: {e}") from None
     if not len(held):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots
+from analysis import claim_plots, plots, verdicts
 from analysis.aggregate import aggregate, best, headline, interval_table, load_results
 from analysis.scaling_law import KEYS, critical_capacity, fit_power_law, gao_fit, law_summary
 from atoms.aip.shift import pairwise_angles
@@ -38,7 +38,7 @@ UNIT_COLUMNS = {"unit_set": "unit set", "family": "family", "d_sae_over_h": "|D|
                 "q_star_per_activation": "q* per activation", "uniqueness_pct": "unique %",
                 "l0_mean": "L0", "dead_fraction": "dead", "mono_score": "mono score",
                 "stability_matched_fraction": "seed-stable (|cos_S̃| ≥ 0.9)",
-                "stability_pw_mcc": "PW-MCC"}
+                "stability_pw_mcc": "PW-MCC", "converged": "converged", "steps": "steps"}
 HEADLINE_COLUMNS = {"model": "model", "layer": "layer", "unit_set": "unit set",
                     "d_sae_over_h": "|D|/H", "train_rows": "|M|", "k": "k / K",
                     "r2": "R² (held out)", "r2_aip": "AIP R² (held out)",
@@ -59,6 +59,12 @@ UNIT_SET_NOTES = [
     "Stability columns: the share of a set's units found again (Hungarian, |cos_S̃| ≥ 0.9) by "
     "another seed, and the pairwise mean max-cosine, both over seed pairs (– with one seed).",
 ]
+JUMP_COLUMNS = {"train_rows": "|M|", "points": "|D| points", "n_seeds": "seeds",
+                "train_status": "train", "train_max": "train R² max",
+                "train_d_star_over_m": "train |D|*/|M|", "held_out_status": "held out",
+                "held_out_max": "held-out R² max", "held_out_d_star_over_m": "held-out |D|*/|M|",
+                "exemplar_train_max": "exemplar train R² max",
+                "exemplar_held_out_max": "exemplar held-out R² max"}
 DSTAR_COLUMNS = {"train_rows": "|M|", "status": "status", "level": "R² level",
                  "d_star": "|D|*", "d_star_over_h": "|D|*/H", "largest_rise": "largest rise",
                  "at_d_over_h": "at |D|/H", "n_seeds": "seeds"}
@@ -228,6 +234,38 @@ def _where(key) -> str:
 
 def _groups(table: pd.DataFrame):
     return table.groupby(KEYS, dropna=False, sort=True)
+
+
+def claims(doc: Doc, table: pd.DataFrame) -> None:
+    """The two claims first: one sentence each (``analysis.verdicts``), how well the study met
+    its design (matched sparsity, convergence), then the figures behind the verdicts."""
+    doc.h("The paper's two claims")
+    found = verdicts.verdicts(table)
+    doc.bullets([v.sentence for v in found] or ["No atoms in these results: no verdict."])
+    doc.bullets(verdicts.design_checks(table))
+    agg, target = aggregate(table), verdicts.target_l0(table)
+    for i, (key, g) in enumerate(_groups(agg)):
+        doc.image(f"r2_l0_{i}", claim_plots.r2_l0_frontier(
+            g, target, f"R²–L0, {_where(key)}"), f"R² against L0 by unit set, {_where(key)}")
+    h = int(table["h"].dropna().iloc[0]) if "h" in table and table["h"].notna().any() else 0
+    for family in verdicts.ATOMS:
+        rows = agg[agg["family"] == family]
+        if rows.empty or not h:
+            continue
+        name = rows["unit_set"].iloc[0]
+        doc.h(f"{name}: train and held-out R² over |D| and |M|", 3)
+        doc.image(f"ratio_{family}", claim_plots.r2_against_ratio(agg, name, h),
+                  f"{name}: train and held-out R² against |D|/|M|")
+        grids = [rows.pivot_table(index="train_rows", columns="d_sae_over_h", values=f"{m}_mean")
+                 for m in (verdicts.TRAIN_R2, verdicts.PRIMARY_R2) if f"{m}_mean" in rows]
+        if len(grids) == 2 and rows["train_rows"].notna().any():
+            stars = [critical_capacity(table, m, family=family)
+                     for m in (verdicts.TRAIN_R2, verdicts.PRIMARY_R2)]
+            doc.image(f"heatmaps_{family}", claim_plots.r2_heatmap_pair(
+                *grids, *stars, f"{name}: |M| × |D|"), f"{name}: train and held-out R² grids")
+        jt = verdicts.jump_table(table, family)
+        if len(jt):
+            doc.table(tidy(jt, JUMP_COLUMNS))
 
 
 def overview(doc: Doc, table: pd.DataFrame) -> None:
@@ -470,7 +508,7 @@ def diverged(doc: Doc, table: pd.DataFrame) -> None:
 REPORT_FILES = ("report_files", "report.md", "report.html")
 """What ``Doc.write`` writes, in that order (the HTML, written last, marks it complete)."""
 
-SECTIONS = (overview, scaling, stability, artefacts, monosemanticity, provenance, diverged)
+SECTIONS = (claims, overview, scaling, stability, artefacts, monosemanticity, provenance, diverged)
 
 
 # -- entry points --------------------------------------------------------------------------

@@ -111,8 +111,14 @@ def claims(best: pd.DataFrame, steps: pd.DataFrame) -> list[str]:
 
 def summarise(table: pd.DataFrame, out: Path) -> Path:
     """Write ``out/summary.md`` from a results table; returns its path."""
+    from analysis.verdicts import design_checks, verdicts
+
     parts = [f"# Study summary ({len(table)} rows)"]
     if len(table):
+        found = verdicts(table)
+        parts += ["## The paper's two claims",
+                  "\n".join(f"- {v.sentence}" for v in found) or "No atoms: no verdict.",
+                  "\n".join(f"- {line}" for line in design_checks(table))]
         best = best_per_cell(table)
         grid, train_grid = r2_grid(best), r2_grid(best, "train_r2_euclid_centred")
         steps = transitions(grid) if len(grid) else pd.DataFrame()

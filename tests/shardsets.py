@@ -15,11 +15,11 @@ def write_shard_set(folder, x: torch.Tensor, shards: int) -> Path:
     """Split the rows of ``x`` into ``shards`` equal shards plus a manifest in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    infos = []
+    infos, start = [], 0
     for i, part in enumerate(torch.tensor_split(x, shards)):
-        n = len(part)
-        ids = np.arange(n)
-        infos.append(write_shard(folder, i, part.numpy(), ids, ids + 1000 * i, ids % 64))
+        ids = np.arange(start, start + len(part))  # every row its own document
+        infos.append(write_shard(folder, i, part.numpy(), ids % 50000, ids, ids % 64))
+        start += len(part)
     write_manifest(folder, Manifest(
         model="synthetic", revision="0", site="resid_post", layer=0, positions="all",
         d=x.shape[1], dtype="float32", rows=len(x), tokens_seen=len(x), shards=infos,

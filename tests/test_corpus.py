@@ -207,3 +207,14 @@ def test_token_windows_errors():
         token_windows(["abc"], CharTokenizer(bos=None), 8)
     with pytest.raises(InputError, match="max_windows: expected a positive integer"):
         token_windows(["abc"], CharTokenizer(), 8, max_windows=0)
+
+
+def test_token_windows_per_document_keeps_each_documents_first_windows():
+    docs = ["abcdefghijkl", "0123456789", "xyz"]
+    windows = list(token_windows(docs, CharTokenizer(bos=None), 3, prepend_bos=False,
+                                 per_document=2))
+    assert [(w.doc_id, "".join(map(chr, w.input_ids))) for w in windows] == [
+        (0, "abc"), (0, "def"), (1, "012"), (1, "345"), (2, "xyz")]
+    capped = list(token_windows(docs, CharTokenizer(bos=None), 3, prepend_bos=False,
+                                max_windows=3, per_document=1))
+    assert [w.doc_id for w in capped] == [0, 1, 2]

@@ -95,7 +95,7 @@ def test_killed_study_reruns_to_exactly_one_row_per_trial_and_unit_set(tmp_path)
     assert (atoms["sparsity_search"] == "optuna").all()
     assert atoms["sparsity_coeff"].between(*cfg.sparsity.sparsity_coeff_range).all()
     assert atoms["status"].eq("finished").all() and atoms["r2_euclid_centred"].gt(0).all()
-    assert (Path(cfg.out) / "summary.md").read_text().count("|M| = ") == 2
+    assert (Path(cfg.out) / "summary.md").read_text().count("\n- |M| = ") == 2  # one per |M|
     probe = render(Path(cfg.out) / "report.html", tmp_path)  # the report the job writes
     assert {"r2_heatmap_0", "q_star_0", "angles"} <= {i["id"] for i in probe["imgs"]}
     assert all(i["complete"] and i["width"] > 0 for i in probe["imgs"]), probe["imgs"]

@@ -246,30 +246,36 @@ def _drop_nested(s: str, open_: str, close: str,
 
 
 def token_windows(documents: Iterable[str], tokenizer, context_len: int, prepend_bos: bool = True,
-                  max_windows: int | None = None) -> Iterator[TokenWindow]:
+                  max_windows: int | None = None, per_document: int = 0
+                  ) -> Iterator[TokenWindow]:
     """Full windows of ``context_len`` ids cut consecutively from each tokenised document.
 
     Documents are tokenised without special tokens; with ``prepend_bos`` each window is the
-    tokenizer's BOS id followed by ``context_len - 1`` document ids. A short tail is dropped.
+    tokenizer's BOS id followed by ``context_len - 1`` document ids. A short tail is dropped;
+    ``per_document`` > 0 keeps only each document's first that-many windows (more documents
+    for the same tokens).
     """
     if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 2:
         raise InputError(f"context_len: expected an integer >= 2, got {context_len!r}")
     if max_windows is not None and max_windows < 1:
         raise InputError(f"max_windows: expected a positive integer or None, got {max_windows}")
+    if per_document < 0:
+        raise InputError(f"per_document: expected ≥ 0, got {per_document}")
     bos = getattr(tokenizer, "bos_token_id", None) if prepend_bos else None
     if prepend_bos and bos is None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise InputError(f"tokenizer '{name}' has no BOS token; pass prepend_bos=False")
     return _windows(documents, tokenizer, context_len - 1 if prepend_bos else context_len,
-                    bos, max_windows)
+                    bos, max_windows, per_document)
 
 
 def _windows(documents: Iterable[str], tokenizer, step: int, bos: int | None,
-             max_windows: int | None) -> Iterator[TokenWindow]:
+             max_windows: int | None, per_document: int) -> Iterator[TokenWindow]:
     count = 0
     for doc_id, doc in enumerate(documents):
         ids = _encode(tokenizer, doc)
-        for start in range(0, len(ids) - step + 1, step):
+        starts = range(0, len(ids) - step + 1, step)
+        for start in starts[:per_document] if per_document else starts:
             chunk = ids[start:start + step]
             yield TokenWindow([bos, *chunk] if bos is not None else chunk, doc_id, start)
             count += 1

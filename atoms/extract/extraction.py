@@ -53,6 +53,9 @@ class ExtractConfig:
     prepend_bos: bool = True
     max_tokens: int = 65536
     """Tokens to run through the model (whole windows; the last partial window is dropped)."""
+    windows_per_doc: int = 0
+    """Keep only each document's first this-many windows (0: all); more documents for the
+    same tokens, so a held-out split by document has documents to hold out."""
     windows_per_shard: int = 64
     batch_windows: int = 8
     """Windows per forward pass."""
@@ -73,6 +76,7 @@ class ExtractConfig:
         require(all(layer >= 0 for layer in self.layers), "layers", "must be non-negative")
         require(self.context_len >= 2, "context_len", "must be at least 2")
         require(self.max_tokens >= self.context_len, "max_tokens", "must be ≥ context_len")
+        require(self.windows_per_doc >= 0, "windows_per_doc", "must be ≥ 0")
         require(self.windows_per_shard >= 1, "windows_per_shard", "must be positive")
         require(self.batch_windows >= 1, "batch_windows", "must be positive")
         require(self.num_actors >= 1, "num_actors", "must be positive")
@@ -102,7 +106,8 @@ def build_windows(cfg: ExtractConfig, tokenizer) -> Windows:
     """Tokenise the corpus into ``max_tokens // context_len`` full windows."""
     docs = iter_documents(cfg.corpus, cfg.text_field, cfg.split, cfg.corpus_config)
     wanted = cfg.max_tokens // cfg.context_len
-    windows = list(token_windows(docs, tokenizer, cfg.context_len, cfg.prepend_bos, wanted))
+    windows = list(token_windows(docs, tokenizer, cfg.context_len, cfg.prepend_bos, wanted,
+                                 cfg.windows_per_doc))
     if not windows:
         raise InputError(f"corpus {cfg.corpus!r} gave no window of {cfg.context_len} tokens")
     ids = np.array([w.input_ids for w in windows], dtype=np.int64)
@@ -164,7 +169,10 @@ def pending_shards(cfg: ExtractConfig, n_shards: int) -> list[int]:
 
 
 _RUN_FIELDS = ("model", "revision", "corpus", "corpus_config", "split", "text_field",
-               "positions", "context_len", "prepend_bos", "windows_per_shard", "storage_dtype")
+               "positions", "context_len", "prepend_bos", "windows_per_doc", "windows_per_shard",
+               "storage_dtype")
+_RUN_FIELD_DEFAULTS = {"windows_per_doc": 0}
+"""What a recorded extraction from before a field existed did."""
 
 
 def claim_output(cfg: ExtractConfig) -> None:
@@ -174,9 +182,10 @@ def claim_output(cfg: ExtractConfig) -> None:
     if store.size(name) is not None:
         theirs = store.read_json(name)
         for key in _RUN_FIELDS:
-            if theirs.get(key) != mine[key]:
+            recorded = theirs.get(key, _RUN_FIELD_DEFAULTS.get(key))
+            if recorded != mine[key]:
                 raise ConfigError(
-                    f"{redact(cfg.out)}: holds an extraction with {key}={theirs.get(key)!r}, not "
+                    f"{redact(cfg.out)}: holds an extraction with {key}={recorded!r}, not "
                     f"{mine[key]!r}; choose another out folder"
                 )
         return

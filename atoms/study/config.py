@@ -75,11 +75,13 @@ class Grid:
     """The atoms' training geometries, each a family of its own at every cell: 'euclidean'
     (atoms), 'aip' (atoms_aip: loss ‖m − m̂‖²_S̃, unit AIP atoms, the paper's uncentred S̃) and
     'aip_centred' (the peers' centred covariance whitening, a control)."""
-    budget: Literal["steps", "epochs"] = "steps"
-    """Equal optimiser steps per cell (``train.steps``) or equal passes over |M| (``epochs``)."""
+    budget: Literal["steps", "epochs", "converge"] = "steps"
+    """Equal optimiser steps per cell (``train.steps``), equal passes over |M| (``epochs``), or
+    every cell trained until converged (``converge``: ``train.converge_window`` and
+    ``converge_tol``, capped at ``max_steps``; rows record ``converged`` and the steps taken)."""
     epochs: float = 10.0
     max_steps: int = 100000
-    """Cap on steps when ``budget: epochs``."""
+    """Cap on steps when ``budget`` is ``epochs`` or ``converge``."""
 
     def __post_init__(self):
         sizes = "d_sae" if self.d_sae else "d_sae_over_h"

@@ -72,9 +72,12 @@ def search_space(cfg: StudyConfig, family: str) -> SearchSpace:
 
 
 def trial_steps(cfg: StudyConfig, train_rows: int) -> int:
-    """Steps of a cell: ``train.steps``, or ⌈epochs·|M| / batch⌉ capped at ``max_steps``."""
+    """Steps of a cell: ``train.steps``, ⌈epochs·|M| / batch⌉ capped at ``max_steps``, or the
+    cap ``max_steps`` of a converging cell."""
     if cfg.grid.budget == "steps":
         return cfg.train.steps
+    if cfg.grid.budget == "converge":
+        return cfg.grid.max_steps
     batch = min(cfg.train.batch_size, train_rows)
     return min(cfg.grid.max_steps, max(1, math.ceil(cfg.grid.epochs * train_rows / batch)))
 
@@ -195,11 +198,14 @@ def describe_plan(cfg: StudyConfig, h: int) -> str:
             if family in TRAINED else 0
         n_cells = len({t.cell for t in trials})
         span = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
+        if family in TRAINED and cfg.grid.budget == "converge":
+            span = f"≤{span}"
         lines.append(f"{family:<18}{n_cells:>7}{len(trials):>8}{span:>13}{batch:>11}")
         total_trials += len(trials)
         total_steps += sum(trial_steps(cfg, t.train_rows) for t in trials) \
             if family in TRAINED else 0
-    lines.append(f"total: {total_trials} trials, {total_steps:,} training steps; sparsity "
+    cap = " at most" if cfg.grid.budget == "converge" else ""
+    lines.append(f"total: {total_trials} trials,{cap} {total_steps:,} training steps; sparsity "
                  f"search '{cfg.sparsity.search}', target L0 {cfg.sparsity.target_l0:g}")
     return "\n".join(lines)
 

@@ -106,6 +106,7 @@ def train_job(ctx: StudyContext, trial: Trial) -> TrainJob:
     train = dataclasses.replace(
         cfg.train, seed=trial.seed, sparsity_coeff=float(trial.sparsity_coeff), steps=steps,
         target_l0=cfg.sparsity.target_l0 if controlled else 0.0,
+        converge=cfg.grid.budget == "converge",
         batch_size=min(cfg.train.batch_size, trial.train_rows),
         lr_warmup_steps=min(cfg.train.lr_warmup_steps, steps // 4),
         sparsity_warmup_steps=min(cfg.train.sparsity_warmup_steps, steps // 2))
@@ -141,8 +142,8 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
     job = train_job(ctx, trial)
     _claim_folder(job.run.out, {"trial": dataclasses.asdict(trial),
                                 "job": {"sae": to_dict(job.sae), "train": to_dict(job.train)}})
-    info = {"steps": job.train.steps, "batch_size": job.train.batch_size,
-            "epochs": job.train.steps * job.train.batch_size / trial.train_rows,
+    info = {"steps": job.train.steps, "steps_cap": job.train.steps,
+            "batch_size": job.train.batch_size,
             "config": {"sae": to_dict(job.sae), "train": to_dict(job.train)}}
     try:
         if job.run.executor == "ray":
@@ -154,6 +155,10 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
         return [], {**info, "status": "diverged", "message": str(e), "objective":
                     DIVERGED_OBJECTIVE}
     metrics = metrics or finished_metrics(job.run.out)
+    steps = int(metrics.get("step", job.train.steps))
+    info.update(steps=steps, epochs=steps * job.train.batch_size / trial.train_rows,
+                converged=(metrics.get("converged_at") is not None) if job.train.converge
+                else None, converged_at=metrics.get("converged_at"))
     sae = load_sae(fetch(metrics["sae_path"]))
     name, kind = unit_set_name(trial), UNIT_SET[trial.family][1]
     val = evaluate_sae(sae, ctx.validation, ctx.aip(), prefix="")

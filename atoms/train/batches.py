@@ -7,7 +7,8 @@ same (seed, epoch, rank, world) always yields the same batches, so a run resumed
 - ``TensorBatches``: rows in memory (any device), a fresh permutation every epoch.
 - ``ShardBatches``: Parquet shards streamed with pyarrow; file order permuted every epoch,
   files dealt to ranks round-robin, rows shuffled within a buffer of ``shuffle_rows``.
-- ``DataSplit``: the held-out shards (the last ones: later documents) and the training shards.
+- ``DataSplit``: the held-out shards (the last ones: later documents) and the training shards;
+  held-out rows are only those of documents that no training shard holds (``unseen_rows``).
 """
 
 from __future__ import annotations
@@ -134,13 +135,16 @@ class DataSplit:
     holdout_rows: int
     row_limit: int = 0
     """Set by ``limit``: train on the first this-many rows only (0: all)."""
+    train_all: list[Path] = dataclasses.field(default_factory=list)
+    """Every training shard, also after ``limit``: the documents held-out rows must avoid."""
 
     @classmethod
     def of(cls, folder, holdout_shards: int = 1, verify: bool = True) -> DataSplit:
         shards = ShardSet.open(folder, verify=verify)
         train, held = split_rows(shards.manifest, holdout_shards, folder)
         cut = len(shards.paths) - holdout_shards
-        return cls(Path(folder), shards.d, shards.paths[:cut], train, shards.paths[cut:], held)
+        return cls(Path(folder), shards.d, shards.paths[:cut], train, shards.paths[cut:], held,
+                   train_all=shards.paths[:cut])
 
     def limit(self, rows: int, field: str = "run.train_rows") -> DataSplit:
         """The first ``rows`` training rows (in document order): the shard prefix that holds
@@ -197,13 +201,69 @@ def read_rows(paths: list[Path], d: int, max_rows: int) -> torch.Tensor:
 HELD_OUT_SEED = 0
 
 
+def _doc_ids(path: Path) -> np.ndarray:
+    with pq.ParquetFile(path) as pf:
+        return pf.read(columns=["doc_id"]).column(0).to_numpy()
+
+
+def _doc_range_overlaps(path: Path, lo: int, hi: int) -> bool:
+    """Whether a shard may hold a doc_id in [lo, hi], from its row groups' statistics (True
+    where a row group has none)."""
+    with pq.ParquetFile(path) as pf:
+        col = pf.schema_arrow.get_field_index("doc_id")
+        for i in range(pf.metadata.num_row_groups):
+            st = pf.metadata.row_group(i).column(col).statistics
+            if st is None or not st.has_min_max or (st.min <= hi and st.max >= lo):
+                return True
+    return False
+
+
+def shared_documents(split: DataSplit) -> np.ndarray:
+    """doc_ids found both in a held-out shard and in a training shard (every training shard,
+    also when ``limit`` trains on fewer): a document cut by the shard boundary. Training shards
+    whose doc_id statistics miss the held-out range are not read."""
+    held = np.unique(np.concatenate([_doc_ids(p) for p in split.holdout]))
+    if not len(held):
+        return held
+    lo, hi = int(held[0]), int(held[-1])
+    seen = [_doc_ids(p) for p in (split.train_all or split.train) if _doc_range_overlaps(p, lo, hi)]
+    return np.intersect1d(held, np.concatenate(seen)) if seen else held[:0]
+
+
+def unseen_rows(split: DataSplit, max_rows: int, exact: bool = True) -> torch.Tensor:
+    """The first ``max_rows`` held-out rows (in order) of documents no training shard holds;
+    when fewer exist, all of them (``exact`` False) or an InputError naming the folder."""
+    shared = shared_documents(split)
+    out, have = [], 0
+    for path in split.holdout:
+        with pq.ParquetFile(path) as pf:
+            for batch in pf.iter_batches(batch_size=8192, columns=["activation", "doc_id"]):
+                keep = ~np.isin(batch.column(1).to_numpy(), shared)
+                rows = batch.column(0).flatten().to_numpy().reshape(-1, split.d)[keep]
+                out.append(torch.from_numpy(rows.astype(np.float32)))
+                have += len(rows)
+                if have >= max_rows:
+                    break
+        if have >= max_rows:
+            break
+    if have < max_rows and (exact or not have):
+        raise InputError(f"{split.folder}: {max_rows} held-out rows asked for but its "
+                         f"{len(split.holdout)} held-out shards hold {have} rows of documents "
+                         f"unseen in training ({len(shared)} documents shared with training "
+                         "shards are left out); hold out more shards or ask for fewer rows")
+    x = torch.cat(out)[:max_rows]
+    check_finite(x, str(split.folder))
+    return x
+
+
 def held_out_rows(split: DataSplit, rows: int, pool: int = 0) -> torch.Tensor:
-    """``rows`` held-out rows: the first in order (``pool`` 0), or the first of a permutation
-    (seed ``HELD_OUT_SEED``) of the first ``pool`` held-out rows, so that the first ``rows`` and
-    the rest of the pool are two random samples of the same documents."""
+    """``rows`` held-out rows of unseen documents (``unseen_rows``): the first in order, or
+    all there are when fewer (``pool`` 0); or the first of a permutation (seed
+    ``HELD_OUT_SEED``) of exactly the first ``pool`` of them, so that the first ``rows`` and the
+    rest of the pool are two random samples of the same documents."""
     if not pool:
-        return read_rows(split.holdout, split.d, rows)
-    x = read_rows(split.holdout, split.d, pool)
+        return unseen_rows(split, rows, exact=False)
+    x = unseen_rows(split, pool)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(HELD_OUT_SEED))
     return x[order][:rows]
 

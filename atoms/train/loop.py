@@ -64,6 +64,14 @@ class TrainConfig:
     """Steps between controller updates."""
     l0_until: float = 0.95
     """Fraction of the steps after which λ stays fixed."""
+    converge: bool = False
+    """Train until converged, ``steps`` being the cap: once both warm-ups are over, the mean
+    MSE of the last ``converge_window`` steps is within ``converge_tol`` (relative) of the
+    window before, and (steered) the L0 is within ±10% of ``target_l0``. Then λ and resampling
+    stop and a final ``converge_window`` steps decay the learning rate to 0. The MSE, not the
+    total loss, because a steered λ moves the sparsity term."""
+    converge_window: int = 200
+    converge_tol: float = 0.01
     resample_every: int = 0
     """Every this many steps, re-initialise latents that did not fire in the window (0: off)."""
     resample_until: float = 0.6
@@ -96,21 +104,30 @@ class TrainConfig:
         require(self.l0_proportional >= 0, "l0_proportional", "must be ≥ 0")
         require(self.l0_every >= 1, "l0_every", "must be positive")
         require(0 <= self.l0_until <= 1, "l0_until", "must be in [0, 1]")
+        require(self.converge_window >= self.log_every, "converge_window",
+                f"must be ≥ log_every ({self.log_every})")
+        require(self.converge_tol > 0, "converge_tol", "must be positive")
         require(self.resample_every >= 0, "resample_every", "must be non-negative")
         require(self.dead_window >= 1, "dead_window", "must be positive")
         require(self.log_every >= 1, "log_every", "must be positive")
         require(self.step in STEP_MODES, "step", f"must be one of {STEP_MODES}, got {self.step!r}")
 
 
-def schedule(step: int, cfg: TrainConfig, sparsity_coeff: float | None = None
-             ) -> tuple[float, float]:
+L0_TOLERANCE = 0.1
+"""A steered run converges only with its L0 within this fraction of ``target_l0``."""
+
+
+def schedule(step: int, cfg: TrainConfig, sparsity_coeff: float | None = None,
+             final: tuple[int, int] | None = None) -> tuple[float, float]:
     """(learning rate, sparsity coefficient) at ``step`` (0-based); ``sparsity_coeff`` is the
-    controlled λ when ``target_l0`` is on (default ``cfg.sparsity_coeff``)."""
+    controlled λ when ``target_l0`` is on (default ``cfg.sparsity_coeff``). The learning rate
+    decays linearly to 0 over the last ``lr_decay_fraction`` of the steps, or over ``final``
+    = (start, end) once a converging run has fixed its end."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
-    decay_start = cfg.steps * (1 - cfg.lr_decay_fraction)
+    decay_start, end = final or (cfg.steps * (1 - cfg.lr_decay_fraction), cfg.steps)
     decay = 1.0
-    if cfg.lr_decay_fraction > 0 and step >= decay_start:
-        decay = max(0.0, (cfg.steps - step) / (cfg.steps - decay_start))
+    if (final or cfg.lr_decay_fraction > 0) and step >= decay_start:
+        decay = max(0.0, (end - step) / max(end - decay_start, 1))
     coeff_warm = (
         min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
     )
@@ -310,6 +327,17 @@ class TrainState:
     """The controlled λ (``target_l0``); None: the configured one."""
     l0_integral: float | None = None
     """The controller's integral term, ln λ before the proportional one."""
+    probe_l0: float | None = None
+    """The L0 the controller saw last."""
+    converged_at: int | None = None
+    """The step at which a converging run (``converge``) met its criterion."""
+    stop_at: int | None = None
+    """Where a converged run ends: ``converged_at`` + ``converge_window`` (at most ``steps``)."""
+
+    @property
+    def final(self) -> tuple[int, int] | None:
+        """The converged run's final phase (start, end), for ``schedule``."""
+        return None if self.stop_at is None else (self.converged_at, self.stop_at)
 
 
 class Trainer:
@@ -343,9 +371,14 @@ class Trainer:
         self.l0_rows = None if rows is None else rows[:L0_PROBE_ROWS]
 
     # -- one step ----------------------------------------------------------------------------
+    def end(self, until: int | None = None) -> int:
+        """The step the run stops at: ``until`` (default ``steps``), earlier once converged."""
+        until = self.cfg.steps if until is None else until
+        return until if self.state.stop_at is None else min(until, self.state.stop_at)
+
     def step(self, batch: torch.Tensor) -> None:
         s, cfg = self.state, self.cfg
-        lr, sparsity_coeff = schedule(s.step, cfg, s.sparsity_coeff)
+        lr, sparsity_coeff = schedule(s.step, cfg, s.sparsity_coeff, s.final)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.fast is not None:
@@ -359,18 +392,19 @@ class Trainer:
         if cfg.target_l0 and s.step % cfg.l0_every == 0:
             self._control_l0()
         if cfg.resample_every and s.step % cfg.resample_every == 0:
-            if s.step <= cfg.resample_until * cfg.steps:
+            if s.step <= cfg.resample_until * cfg.steps and s.stop_at is None:
                 self._resample(batch)
             elif cfg.resample_duplicates:
                 self._silence_duplicates()
-        if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+        if s.step % cfg.log_every == 0 or s.step == self.end():
             self.flush()
 
     def _control_l0(self) -> None:
         """The PI step of ``target_l0`` in ln λ; L̄0 on the probe rows (``set_l0_probe``) or
         else over the last ``l0_every`` training steps (mean over workers)."""
         s, cfg = self.state, self.cfg
-        if s.step <= cfg.sparsity_warmup_steps or s.step > cfg.l0_until * cfg.steps:
+        if (s.step <= cfg.sparsity_warmup_steps or s.step > cfg.l0_until * cfg.steps
+                or s.stop_at is not None):
             return
         if self.l0_probe:
             value = torch.zeros(1, device=self.sae.W_dec.device)
@@ -382,6 +416,7 @@ class Trainer:
         else:
             recent = torch.stack([w[5] for w in self._window[-cfg.l0_every:]]).mean()
             l0 = float(self.sync.mean_(recent.reshape(1)))
+        s.probe_l0 = l0
         error = math.log(min(max(l0, 1e-3) / cfg.target_l0, 1e3))
         if s.l0_integral is None:
             s.l0_integral = math.log(cfg.sparsity_coeff)
@@ -435,7 +470,7 @@ class Trainer:
         first = torch.tensor(window[int(bad[0])][0] if len(bad) else 2**62, device=losses.device)
         first = int(self.sync.min_(first))
         if first < 2**62:
-            lr = schedule(first, self.cfg, self.state.sparsity_coeff)[0]
+            lr = schedule(first, self.cfg, self.state.sparsity_coeff, self.state.final)[0]
             raise TrainingDiverged(f"training: non-finite loss at step {first} (lr={lr:g})",
                                    step=first)
         means = self.sync.mean_(torch.stack([losses.mean(), torch.stack([w[4] for w in window])
@@ -444,7 +479,31 @@ class Trainer:
         row = {"step": step, "lr": lr, "sparsity_coeff": sparsity_coeff, "loss": float(means[0]),
                "mse": float(means[1]), "l0": float(means[2])}
         self.state.history.append(row)
+        if self.cfg.converge and self.state.stop_at is None and self._converged():
+            s, cfg = self.state, self.cfg
+            s.converged_at, s.stop_at = s.step, min(cfg.steps, s.step + cfg.converge_window)
         return row
+
+    def _converged(self) -> bool:
+        """``converge``'s criterion on the history rows (means over workers, so every rank
+        decides alike): the last two windows' mean MSE within ``converge_tol``, both after the
+        warm-ups, before the cap's own decay, and a steered L0 within ``L0_TOLERANCE``."""
+        s, cfg = self.state, self.cfg
+        n = max(1, cfg.converge_window // cfg.log_every)
+        rows = s.history[-2 * n:]
+        warm = max(cfg.lr_warmup_steps, cfg.sparsity_warmup_steps)
+        if len(rows) < 2 * n or rows[0]["step"] < warm:
+            return False
+        if s.step > cfg.steps * (1 - cfg.lr_decay_fraction) - cfg.converge_window:
+            return False  # too late to add a final phase: the cap's own decay ends the run
+        prev = sum(r["mse"] for r in rows[:n]) / n
+        cur = sum(r["mse"] for r in rows[n:]) / n
+        if not abs(prev - cur) <= cfg.converge_tol * prev:
+            return False
+        if cfg.target_l0:
+            l0 = s.probe_l0 if self.l0_probe else sum(r["l0"] for r in rows[n:]) / n
+            return l0 is not None and abs(l0 / cfg.target_l0 - 1) <= L0_TOLERANCE
+        return True
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -520,7 +579,7 @@ def train_epochs(trainer: Trainer, source, until: int | None = None, *,
     until = trainer.cfg.steps if until is None else until
     bar = tqdm(total=until, initial=s.step, disable=not progress,
                desc=f"train {trainer.sae.cfg.kind} SAE")
-    while s.step < until:
+    while s.step < trainer.end(until):
         seen = 0
         for i, batch in enumerate(source.epoch(s.epoch)):
             seen = i + 1
@@ -532,7 +591,7 @@ def train_epochs(trainer: Trainer, source, until: int | None = None, *,
             if s.history and s.step == s.history[-1]["step"] + 1:
                 bar.set_postfix(mse=f"{s.history[-1]['mse']:.4f}", l0=f"{s.history[-1]['l0']:.1f}")
             _after_step(trainer, hooks, evaluator, eval_every, checkpointer)
-            if s.step >= until:
+            if s.step >= trainer.end(until):
                 break
         else:
             if seen == 0:
@@ -545,7 +604,7 @@ def train_epochs(trainer: Trainer, source, until: int | None = None, *,
 
 def _after_step(trainer: Trainer, hooks: tuple[Hook, ...], evaluator: Evaluator | None,
                 eval_every: int, checkpointer: Checkpointer | None) -> None:
-    step, steps = trainer.state.step, trainer.cfg.steps
+    step, steps = trainer.state.step, trainer.end()
     for hook in hooks:
         hook(trainer)
     if evaluator is not None and eval_every and step % eval_every == 0 and step < steps:

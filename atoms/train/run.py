@@ -223,6 +223,7 @@ def write_final(prep: Prepared, sae: SparseAutoencoder, trainer_state, metrics: 
     folder.publish_folder(sae_dir)
     record = {
         "status": "finished", "step": trainer_state.step,
+        "converged_at": trainer_state.converged_at,
         "sae_path": folder.uri_of("sae") if folder.remote else str(sae_dir),
         **metrics, "resampled": trainer_state.resampled, "timings": timings,
         "resumed_from": trainer_state.resumed_from,
