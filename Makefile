@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.q_star
 	$(PY) -m benchmarks.compare_saelens
 	$(PY) -m benchmarks.storage
+	$(PY) -m benchmarks.study_efficiency
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

@@ -345,7 +345,8 @@ def stability(doc: Doc, table: pd.DataFrame) -> None:
         atoms = g[g["family"] == "tsae"]
         if len(atoms) and atoms["train_rows"].notna().any():
             m = _atoms_m(g)
-            g = g[(g["family"] != "tsae") | (g["train_rows"] == m)]
+            has_m = g["unit_set"].isin(g.loc[g["train_rows"] == m, "unit_set"])
+            g = g[~has_m | (g["train_rows"] == m)]  # one bar per set and |D|
             where = f"{_where(key)}; atoms at |M| = {m:.0f}"
         else:
             where = _where(key)

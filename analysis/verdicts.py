@@ -6,7 +6,8 @@ features both exist, else the atoms' largest. Every other unit set there is a co
 features (ReLU, TopK, BatchTopK, centred-whitening JumpReLU, imported SAEs) and neurons decide
 the claim; random directions and the exemplar control are its controls. Only sets whose mean
 L0 is within ±10% of the study's target L0 decide (neurons, dense, always do, marked). A is
-*above* B when A's seed interval lies wholly above B's; with one seed nothing is decisive.
+*above* B when A's seed interval lies wholly above B's (neurons and imported SAEs are the same
+for every seed: their value is a point); with one seed nothing is decisive.
 
 - *supported*: atoms above every deciding set and every control, at R² no more than
   ``R2_COMPARABLE`` below any of them;
@@ -90,9 +91,19 @@ def matched(l0: float, target: float) -> bool:
     return bool(np.isfinite(l0) and np.isfinite(target) and abs(l0 / target - 1) <= L0_MATCH)
 
 
+FIXED = ("neurons", "pretrained")
+"""Sets that are the same for every seed: their value is exact, their interval a point."""
+
+
+def _bound(row: pd.Series, metric: str, side: str) -> float:
+    if row.get("family") in FIXED:
+        return _num(row.get(f"{metric}_mean"))
+    return _num(row.get(f"{metric}_{side}"))
+
+
 def _above(a: pd.Series, b: pd.Series, metric: str = PRIMARY_Q) -> bool | None:
     """A's interval wholly above B's (None: either has no interval)."""
-    a_lo, b_hi = _num(a.get(f"{metric}_lo")), _num(b.get(f"{metric}_hi"))
+    a_lo, b_hi = _bound(a, metric, "lo"), _bound(b, metric, "hi")
     if not (np.isfinite(a_lo) and np.isfinite(b_hi)):
         return None
     return a_lo > b_hi
@@ -241,8 +252,8 @@ def jump_table(table: pd.DataFrame, family: str) -> pd.DataFrame:
                             on=[*KEYS, "train_rows"], how="left")
         top = _curve_max(agg, names[0], metric) if len(names) else pd.Series(dtype=float)
         merged[f"{part}_max"] = merged["train_rows"].map(top)
-        for c in ("d_star", "d_star_lo", "d_star_hi"):
-            merged[f"{part}_{c}_over_m"] = merged[f"{part}_{c}"] / merged["train_rows"]
+        for c, tail in (("d_star", ""), ("d_star_lo", "_lo"), ("d_star_hi", "_hi")):
+            merged[f"{part}_d_star_over_m{tail}"] = merged[f"{part}_{c}"] / merged["train_rows"]
         merged[f"{part}_jump"] = ((merged[f"{part}_status"] == "transition")
                                   & merged[f"{part}_d_star"].notna()
                                   & (merged[f"{part}_max"] >= NEAR_ONE))
@@ -254,7 +265,7 @@ def jump_table(table: pd.DataFrame, family: str) -> pd.DataFrame:
 
 
 def _ratio(r: pd.Series, part: str) -> str:
-    v, lo, hi = (_num(r.get(f"{part}_d_star{s}_over_m")) for s in ("", "_lo", "_hi"))
+    v, lo, hi = (_num(r.get(f"{part}_d_star_over_m{s}")) for s in ("", "_lo", "_hi"))
     return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(v) else "–"
 
 

@@ -60,6 +60,16 @@ def finish(cfg: StudyConfig, store: ResultStore, aip=None) -> tuple[str, Path, P
     return table_path, summary_path, report_html, report_md
 
 
+def write_timing(cfg: StudyConfig, phases: dict, trials_run: int) -> None:
+    """``<out>/timing.json``: this invocation's wall time by phase, the CPUs Ray had and the
+    trials it ran (``benchmarks/study_efficiency.py`` reads it)."""
+    import ray
+
+    Storage(cfg.out).write_json("timing.json", {
+        **phases, "wall_seconds": sum(phases.values()), "trials_run": trials_run,
+        "cpus": ray.cluster_resources().get("CPU", 0.0)})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = config_parser(__doc__.splitlines()[0], DEFAULT_CONFIG, StudyConfig)
     parser.add_argument("--dry-run", action="store_true",
@@ -75,9 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     ensure_ray(progress=False)
+    phases = {"start_seconds": time.perf_counter() - start}
     folder = shard_folder(cfg, progress)
+    phases["extract_seconds"] = time.perf_counter() - start - sum(phases.values())
     aip_path = study_aip(cfg, folder, progress)
     ctx = context(cfg, folder, aip_path)
+    phases["aip_seconds"] = time.perf_counter() - start - sum(phases.values())
     store = ResultStore(cfg.out)
     todo, done, total = pending_trials(cfg, ctx.h, store)
     n_pending = sum(len(v) for v in todo.values())
@@ -85,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
           f"(H = {ctx.h}, {redact(folder)})", flush=True)
     write_plan(cfg, todo, total)
     failed = run_sweep(ctx, todo, done, progress=progress)
+    phases["sweep_seconds"] = time.perf_counter() - start - sum(phases.values())
     table_path, summary_path, report_html, report_md = finish(cfg, store, ctx.aip())
+    phases["finish_seconds"] = time.perf_counter() - start - sum(phases.values())
+    write_timing(cfg, phases, n_pending)
     print(f"results: {redact(table_path)}\nsummary: {summary_path}\nreport: {report_html}\n"
           f"markdown: {report_md}\nwall time {time.perf_counter() - start:.0f} s")
     if failed:

@@ -58,3 +58,37 @@ def test_a_controlled_run_needs_a_positive_starting_lambda():
 
     with pytest.raises(ConfigError, match="sparsity_coeff.*starting λ"):
         TrainConfig(target_l0=8.0, sparsity_coeff=0.0)
+
+
+def test_a_threshold_sae_ends_calibrated_to_the_target_on_its_probe_rows(planted):
+    from atoms.train.batches import TensorBatches
+    from atoms.train.loop import Trainer, train_epochs
+
+    def run(calibrate):
+        sae = build_sae(SAEConfig(d_in=32, d_sae=192, seed=0))
+        cfg = TrainConfig(steps=200, batch_size=256, lr=2e-3, sparsity_coeff=1e-2,
+                          target_l0=8.0, sparsity_warmup_steps=20, l0_calibrate=calibrate)
+        sae.fit_input_scale(planted[:8000])
+        trainer = Trainer(sae, cfg)
+        trainer.set_l0_probe(planted[8000:])
+        train_epochs(trainer, TensorBatches(planted[:8000], 256, 0))
+        return trainer, evaluate_sae(sae, planted[8000:])["eval_l0_mean"]
+
+    plain, l0_plain = run(False)
+    calibrated, l0 = run(True)
+    assert plain.state.threshold_scale is None
+    assert abs(l0 / 8.0 - 1) <= 0.02, (l0, l0_plain)  # the probe rows are these rows
+    assert calibrated.state.threshold_scale != 1.0
+
+
+def test_threshold_scale_for_hits_the_target_and_moves_with_it():
+    import torch
+
+    from atoms.train.loop import threshold_scale_for
+
+    pre = torch.rand(500, 100)
+    theta = torch.full((100,), 0.5)
+    for target in (5.0, 20.0, 80.0):
+        c = threshold_scale_for(pre, theta, target)
+        assert abs(float((pre > c * theta).sum(1).float().mean()) - target) < 0.5
+    assert threshold_scale_for(pre, theta, 5.0) > threshold_scale_for(pre, theta, 80.0)

@@ -114,3 +114,21 @@ def test_a_controlled_study_with_no_starting_lambda_fails_before_work(tmp_path, 
     with pytest.raises(ConfigError, match="sparsity_coeff"):
         context_for(tmp_path, shards, **{"sparsity.search": "control",
                                          "sparsity.sparsity_coeff": [0.0]})
+
+
+def test_a_converge_budget_trial_records_its_convergence_and_steps(tmp_path, shards):
+    ctx = context_for(tmp_path, shards, **{
+        "grid.d_sae_over_h": [2], "grid.train_rows": [2048], "grid.budget": "converge",
+        "grid.max_steps": 1500, "sparsity.search": "control", "sparsity.sparsity_coeff": [3e-4],
+        "sparsity.target_l0": 4.0, "train.converge_window": 100, "train.converge_tol": 0.02,
+        "train.lr": 3e-3})
+    trial = cells(ctx.cfg, ctx.h)["tsae-D64-M2048-s0"][0]
+    execute_trial(ctx, trial)
+    row = ResultStore(ctx.out).finished()[trial.key].iloc[0]
+    assert row["steps_cap"] == 1500 and row["steps"] <= 1500
+    if row["converged"]:
+        assert row["steps"] == row["converged_at"] + 100 < 1500
+        assert abs(row["l0_mean"] / 4.0 - 1) <= 0.1 + 0.05  # matched on validation rows
+    else:
+        assert row["steps"] == 1500 and pd.isna(row["converged_at"])
+    assert row["epochs"] == pytest.approx(row["steps"] * row["batch_size"] / 2048)

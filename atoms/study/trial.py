@@ -158,7 +158,8 @@ def _train(ctx: StudyContext, trial: Trial) -> tuple[list[tuple], dict]:
     steps = int(metrics.get("step", job.train.steps))
     info.update(steps=steps, epochs=steps * job.train.batch_size / trial.train_rows,
                 converged=(metrics.get("converged_at") is not None) if job.train.converge
-                else None, converged_at=metrics.get("converged_at"))
+                else None, converged_at=metrics.get("converged_at"),
+                threshold_scale=metrics.get("threshold_scale"))
     sae = load_sae(fetch(metrics["sae_path"]))
     name, kind = unit_set_name(trial), UNIT_SET[trial.family][1]
     val = evaluate_sae(sae, ctx.validation, ctx.aip(), prefix="")

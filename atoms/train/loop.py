@@ -64,6 +64,11 @@ class TrainConfig:
     """Steps between controller updates."""
     l0_until: float = 0.95
     """Fraction of the steps after which λ stays fixed."""
+    l0_calibrate: bool = True
+    """With ``target_l0`` and held-out probe rows, a threshold SAE ends with its thresholds
+    scaled by one common factor c (θ ← c·θ, bisection in log c) so that the probe rows' mean L0
+    is the target: the last mile λ leaves (a JumpReLU's thresholds follow λ down slowly).
+    Recorded as ``threshold_scale``."""
     converge: bool = False
     """Train until converged, ``steps`` being the cap: once both warm-ups are over, the mean
     MSE of the last ``converge_window`` steps is within ``converge_tol`` (relative) of the
@@ -333,11 +338,27 @@ class TrainState:
     """The step at which a converging run (``converge``) met its criterion."""
     stop_at: int | None = None
     """Where a converged run ends: ``converged_at`` + ``converge_window`` (at most ``steps``)."""
+    threshold_scale: float | None = None
+    """The common factor ``l0_calibrate`` applied to the thresholds at the end (None: not)."""
 
     @property
     def final(self) -> tuple[int, int] | None:
         """The converged run's final phase (start, end), for ``schedule``."""
         return None if self.stop_at is None else (self.converged_at, self.stop_at)
+
+
+def threshold_scale_for(pre: torch.Tensor, threshold: torch.Tensor, target: float,
+                        iterations: int = 60) -> float:
+    """The c in [1e-4, 1e4] (bisection in log c) whose mean L0 = mean_rows Σⱼ 1[preⱼ > c·θⱼ]
+    is nearest ``target``; L0 falls as c grows."""
+    def l0(c: float) -> float:
+        return float((pre > c * threshold).sum(1, dtype=torch.float64).mean())
+
+    lo, hi = math.log(1e-4), math.log(1e4)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if l0(math.exp(mid)) > target else (lo, mid)
+    return min((math.exp(lo), math.exp(hi)), key=lambda c: abs(l0(c) - target))
 
 
 class Trainer:
@@ -422,6 +443,23 @@ class Trainer:
             s.l0_integral = math.log(cfg.sparsity_coeff)
         s.l0_integral += cfg.l0_gain * error
         s.sparsity_coeff = math.exp(s.l0_integral + cfg.l0_proportional * error)
+
+    @torch.no_grad()
+    def calibrate_l0(self) -> None:
+        """``l0_calibrate``: once, at the end, scale the thresholds so the probe rows' mean L0
+        is ``target_l0`` (rank 0 finds c, every rank applies it)."""
+        s, cfg = self.state, self.cfg
+        if not (cfg.target_l0 and cfg.l0_calibrate and self.l0_probe
+                and isinstance(getattr(self.sae, "threshold", None), nn.Parameter)
+                and s.threshold_scale is None):
+            return
+        value = torch.ones(1, device=self.sae.W_dec.device)
+        if self.l0_rows is not None:
+            pre = self.sae.pre_activations(self.sae.normalise(self.l0_rows))
+            value[0] = threshold_scale_for(pre, self.sae.threshold, cfg.target_l0)
+        self.sync.broadcast_([value])
+        self.sae.threshold.mul_(value)
+        s.threshold_scale = float(value)
 
     def _fast_step(self, batch: torch.Tensor, sparsity_coeff: float):
         """The hand-written step; across workers the gradients are averaged in one buffer."""
@@ -599,6 +637,8 @@ def train_epochs(trainer: Trainer, source, until: int | None = None, *,
                                  "this worker's rows?)")
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
     trainer.flush()
+    if s.step >= trainer.end():
+        trainer.calibrate_l0()
     bar.close()
 
 

@@ -224,6 +224,7 @@ def write_final(prep: Prepared, sae: SparseAutoencoder, trainer_state, metrics: 
     record = {
         "status": "finished", "step": trainer_state.step,
         "converged_at": trainer_state.converged_at,
+        "threshold_scale": trainer_state.threshold_scale,
         "sae_path": folder.uri_of("sae") if folder.remote else str(sae_dir),
         **metrics, "resampled": trainer_state.resampled, "timings": timings,
         "resumed_from": trainer_state.resumed_from,
