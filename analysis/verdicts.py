@@ -229,6 +229,8 @@ def jump_table(table: pd.DataFrame, family: str) -> pd.DataFrame:
     """Per (model, site, layer, |M|), on train and on held-out R² of ``family``: the
     transition status, whether it is a jump (reaches ``NEAR_ONE``), |D|*/|M| with its interval,
     the highest R², the points and seeds; and the best exemplar control's highest R²."""
+    if not {"d_sae", "train_rows"} <= set(table):
+        return pd.DataFrame()
     agg = aggregate(table)
     parts = {}
     for part, metric in (("train", TRAIN_R2), ("held_out", PRIMARY_R2)):

@@ -29,7 +29,7 @@ from analysis.stability import with_stability
 from analysis.summary import summarise
 from atoms.core.cli import config_parser, load_config, run
 from atoms.core.errors import AtomsError
-from atoms.store.ray_env import ensure_ray
+from atoms.store.ray_env import cluster_cpus, ensure_ray
 from atoms.store.results import MONOSEMANTICITY, ResultStore, publish_results, pull_results
 from atoms.store.storage import Storage, is_remote, redact
 from atoms.study.config import StudyConfig
@@ -63,11 +63,9 @@ def finish(cfg: StudyConfig, store: ResultStore, aip=None) -> tuple[str, Path, P
 def write_timing(cfg: StudyConfig, phases: dict, trials_run: int) -> None:
     """``<out>/timing.json``: this invocation's wall time by phase, the CPUs Ray had and the
     trials it ran (``benchmarks/study_efficiency.py`` reads it)."""
-    import ray
-
     Storage(cfg.out).write_json("timing.json", {
         **phases, "wall_seconds": sum(phases.values()), "trials_run": trials_run,
-        "cpus": ray.cluster_resources().get("CPU", 0.0)})
+        "cpus": cluster_cpus()})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,10 +125,16 @@ def test_a_converge_budget_trial_records_its_convergence_and_steps(tmp_path, sha
     trial = cells(ctx.cfg, ctx.h)["tsae-D64-M2048-s0"][0]
     execute_trial(ctx, trial)
     row = ResultStore(ctx.out).finished()[trial.key].iloc[0]
-    assert row["steps_cap"] == 1500 and row["steps"] <= 1500
-    if row["converged"]:
-        assert row["steps"] == row["converged_at"] + 100 < 1500
-        assert abs(row["l0_mean"] / 4.0 - 1) <= 0.1 + 0.05  # matched on validation rows
-    else:
-        assert row["steps"] == 1500 and pd.isna(row["converged_at"])
+    assert row["steps_cap"] == 1500 and row["converged"]
+    assert row["steps"] == row["converged_at"] + 100 < 1500
+    assert abs(row["l0_mean"] / 4.0 - 1) <= 0.1  # steered and calibrated on validation rows
+    assert row["threshold_scale"] > 0
     assert row["epochs"] == pytest.approx(row["steps"] * row["batch_size"] / 2048)
+    cap = context_for(tmp_path / "cap", shards, **{
+        "grid.d_sae_over_h": [2], "grid.train_rows": [2048], "grid.budget": "converge",
+        "grid.max_steps": 60, "sparsity.search": "control", "sparsity.sparsity_coeff": [3e-4],
+        "sparsity.target_l0": 4.0, "train.converge_window": 100})
+    trial = cells(cap.cfg, cap.h)["tsae-D64-M2048-s0"][0]
+    execute_trial(cap, trial)
+    row = ResultStore(cap.out).finished()[trial.key].iloc[0]
+    assert not row["converged"] and row["steps"] == 60 and pd.isna(row["converged_at"])

@@ -23,6 +23,13 @@ def ensure_ray(progress: bool = True) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = progress
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the Ray this process is connected to."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
 def stop_ray() -> None:
     """Disconnect from Ray (a local Ray this process started stops with it)."""
     import ray
