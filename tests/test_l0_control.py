@@ -92,3 +92,40 @@ def test_threshold_scale_for_hits_the_target_and_moves_with_it():
         c = threshold_scale_for(pre, theta, target)
         assert abs(float((pre > c * theta).sum(1).float().mean()) - target) < 0.5
     assert threshold_scale_for(pre, theta, 5.0) > threshold_scale_for(pre, theta, 80.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_random_rows():
+    """resid_post rows of the tiny random Llama at layer 1 on the Python docs (no Ray)."""
+    import torch
+
+    from atoms.extract.extraction import ExtractConfig, ShardExtractor, build_windows
+
+    cfg = ExtractConfig(model="tiny-random", corpus="pydoc", layers=[1], context_len=16,
+                        max_tokens=16 * 400, windows_per_doc=6, out="unused")
+    extractor = ShardExtractor(cfg)
+    windows = build_windows(cfg, extractor.loaded.tokenizer)
+    rows = [next(iter(r.activations.values())) for _, r in extractor.extract(windows.input_ids)]
+    return torch.cat([torch.as_tensor(r) for r in rows]).float()
+
+
+@pytest.mark.parametrize("kind,start", [("threshold", 1e-3), ("relu", 1e-2)])
+def test_the_controller_reaches_the_target_l0_on_tiny_random_activations(tiny_random_rows,
+                                                                         kind, start):
+    x = tiny_random_rows
+    cut = len(x) * 4 // 5
+    sae = build_sae(SAEConfig(d_in=x.shape[1], d_sae=128, kind=kind, seed=0))
+    cfg = TrainConfig(steps=600, batch_size=256, lr=2e-3, sparsity_coeff=start, target_l0=8.0,
+                      sparsity_warmup_steps=50, lr_warmup_steps=20)
+    from atoms.train.batches import TensorBatches
+    from atoms.train.loop import Trainer, train_epochs
+
+    sae.fit_input_scale(x[:cut])
+    trainer = Trainer(sae, cfg)
+    import torch
+
+    held_out = x[cut:][torch.randperm(len(x) - cut, generator=torch.Generator().manual_seed(0))]
+    trainer.set_l0_probe(held_out[:512])  # validation and test: two samples, as in a study
+    train_epochs(trainer, TensorBatches(x[:cut], 256, 0))
+    held = evaluate_sae(sae, held_out[512:])["eval_l0_mean"]  # rows the probe never saw
+    assert abs(held / 8.0 - 1) <= 0.10, held
