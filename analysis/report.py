@@ -24,6 +24,7 @@ import pandas as pd
 from analysis import claim_plots, plots, verdicts
 from analysis.aggregate import aggregate, best, headline, interval_table, load_results
 from analysis.scaling_law import KEYS, critical_capacity, fit_power_law, gao_fit, law_summary
+from analysis.verdicts import where as _where
 from atoms.aip.shift import pairwise_angles
 from atoms.core.errors import AtomsError, InputError
 from atoms.core.io import atomic_path
@@ -228,10 +229,6 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 # -- sections ------------------------------------------------------------------------------
-def _where(key) -> str:
-    return f"{key[0]} {key[1]} layer {key[2]}"
-
-
 def _groups(table: pd.DataFrame):
     return table.groupby(KEYS, dropna=False, sort=True)
 

@@ -60,7 +60,8 @@ class Verdict:
     sentence: str
 
 
-def _where(key) -> str:
+def where(key) -> str:
+    """A (model, site, layer) key as text."""
     return f"{key[0]} {key[1]} layer {key[2]}"
 
 
@@ -170,13 +171,13 @@ def claim_q_star(table: pd.DataFrame) -> list[Verdict]:
                   & (g["train_rows"] == m)].iloc[0]
             comp = comparators(g, family, d, m)
             verdict, reason = _q_verdict(a, comp, target)
-            where = f"{_where(key)}, |D| = {d:g}H, |M| = {m:,.0f}"
+            place = f"{where(key)}, |D| = {d:g}H, |M| = {m:,.0f}"
             listed = "; ".join(_describe(r, target) for _, r in comp.iterrows()) or "none"
-            sentence = (f"**Claim 1, {a['unit_set']}: {verdict}** ({reason}). {where}, target L0 "
+            sentence = (f"**Claim 1, {a['unit_set']}: {verdict}** ({reason}). {place}, target L0 "
                         f"{target:g}: atoms q* {_iv(a, PRIMARY_Q)} (R² "
                         f"{_num(a.get(f'{PRIMARY_R2}_mean')):.3f}, L0 "
                         f"{_num(a.get('l0_mean_mean')):.1f}) against {listed}.")
-            out.append(Verdict(1, family, a["unit_set"], where, verdict, sentence))
+            out.append(Verdict(1, family, a["unit_set"], place, verdict, sentence))
     return out
 
 
@@ -287,9 +288,9 @@ def claim_jump(table: pd.DataFrame) -> list[Verdict]:
             verdict, evidence = _jump_verdict(g)
             seeds = int(g["n_seeds"].min())
             note = "; one seed: no intervals" if seeds < 2 else f"; {seeds} seeds"
-            sentence = (f"**Claim 2, {name}: {verdict}** ({_where(key)}{note}). "
+            sentence = (f"**Claim 2, {name}: {verdict}** ({where(key)}{note}). "
                         + " ".join(evidence))
-            out.append(Verdict(2, family, name, _where(key), verdict, sentence))
+            out.append(Verdict(2, family, name, where(key), verdict, sentence))
     return out
 
 
