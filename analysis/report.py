@@ -255,12 +255,12 @@ def claims(doc: Doc, table: pd.DataFrame) -> None:
                   f"{name}: train and held-out R² against |D|/|M|")
         grids = [rows.pivot_table(index="train_rows", columns="d_sae_over_h", values=f"{m}_mean")
                  for m in (verdicts.TRAIN_R2, verdicts.PRIMARY_R2) if f"{m}_mean" in rows]
+        found = verdicts.capacities(table, family)
         if len(grids) == 2 and rows["train_rows"].notna().any():
-            stars = [critical_capacity(table, m, family=family)
-                     for m in (verdicts.TRAIN_R2, verdicts.PRIMARY_R2)]
             doc.image(f"heatmaps_{family}", claim_plots.r2_heatmap_pair(
-                *grids, *stars, f"{name}: |M| × |D|"), f"{name}: train and held-out R² grids")
-        jt = verdicts.jump_table(table, family)
+                *grids, found.get("train"), found.get("held_out"), f"{name}: |M| × |D|"),
+                f"{name}: train and held-out R² grids")
+        jt = verdicts.jump_table(table, family, found)
         if len(jt):
             doc.table(tidy(jt, JUMP_COLUMNS))
 

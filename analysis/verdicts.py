@@ -38,12 +38,14 @@ import pandas as pd
 from analysis.aggregate import PRIMARY_Q, PRIMARY_R2, aggregate
 from analysis.scaling_law import KEYS, critical_capacity
 from analysis.summary import best_per_cell
+from atoms.train.loop import L0_TOLERANCE
 
 ATOMS = ("tsae", "tsae_aip")
 """Atoms families judged, each on its own: Euclidean-loss atoms and AIP-geometry atoms."""
 FEATURES = ("relu", "topk", "batchtopk", "tsae_aip_centred", "pretrained")
 CONTROLS = ("random", "exemplar")
-L0_MATCH = 0.10
+L0_MATCH = L0_TOLERANCE
+"""Matched sparsity: mean L0 within this fraction of the target (what a steered run aims at)."""
 R2_COMPARABLE = 0.05
 NEAR_ONE = 0.95
 MIN_POINTS = 3
@@ -226,21 +228,31 @@ def _curve_max(agg: pd.DataFrame, unit_set: str, metric: str) -> pd.Series:
     return rows.groupby("train_rows")[col].max() if col in rows else pd.Series(dtype=float)
 
 
-def jump_table(table: pd.DataFrame, family: str) -> pd.DataFrame:
+def capacities(table: pd.DataFrame, family: str) -> dict[str, pd.DataFrame]:
+    """``critical_capacity`` of ``family`` on train R² ('train') and held-out R² ('held_out'),
+    each where the table has that metric for the family."""
+    out = {}
+    for part, metric in (("train", TRAIN_R2), ("held_out", PRIMARY_R2)):
+        if metric in table and table.loc[table["family"] == family, metric].notna().any():
+            out[part] = critical_capacity(table, metric, family=family)
+    return out
+
+
+def jump_table(table: pd.DataFrame, family: str,
+               found: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Per (model, site, layer, |M|), on train and on held-out R² of ``family``: the
     transition status, whether it is a jump (reaches ``NEAR_ONE``), |D|*/|M| with its interval,
-    the highest R², the points and seeds; and the best exemplar control's highest R²."""
+    the highest R², the points and seeds; and the best exemplar control's highest R².
+    ``found``: the family's ``capacities``, when already computed."""
     if not {"d_sae", "train_rows"} <= set(table):
         return pd.DataFrame()
     agg = aggregate(table)
+    metrics = {"train": TRAIN_R2, "held_out": PRIMARY_R2}
     parts = {}
-    for part, metric in (("train", TRAIN_R2), ("held_out", PRIMARY_R2)):
-        if metric not in table or table.loc[table["family"] == family, metric].isna().all():
-            continue
-        cc = critical_capacity(table, metric, family=family)
+    for part, cc in (capacities(table, family) if found is None else found).items():
         cc = cc.assign(**{f"{part}_{c}": cc[c] for c in ("status", "d_star", "d_star_lo",
                                                         "d_star_hi")})
-        parts[part] = (cc, metric)
+        parts[part] = (cc, metrics[part])
     if "held_out" not in parts:
         return pd.DataFrame()
     base = parts["held_out"][0][[*KEYS, "train_rows", "n_seeds"]].copy()

@@ -259,6 +259,32 @@ def iter_activation_chunks(path, d: int, rows: int = _READ_ROWS) -> Iterator[np.
             yield _activation_numpy(batch.column(0), d)
 
 
+def iter_chunks_with_doc_ids(path, d: int, rows: int = _READ_ROWS
+                             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One shard's (activations, doc_ids) as consecutive chunks of ≤ ``rows`` rows."""
+    with _open_parquet(Path(path)) as pf:
+        for batch in pf.iter_batches(batch_size=rows, columns=["activation", "doc_id"]):
+            yield _activation_numpy(batch.column(0), d), _numpy(_column(batch.column(1)))
+
+
+def read_doc_ids(path) -> np.ndarray:
+    """One shard's ``doc_id`` column."""
+    with _open_parquet(Path(path)) as pf:
+        return _numpy(_column(pf.read(columns=["doc_id"]).column(0)))
+
+
+def doc_range_overlaps(path, lo: int, hi: int) -> bool:
+    """Whether a shard may hold a doc_id in [lo, hi], from its row groups' statistics alone
+    (True where a row group has none)."""
+    with _open_parquet(Path(path)) as pf:
+        col = pf.schema_arrow.get_field_index("doc_id")
+        for i in range(pf.metadata.num_row_groups):
+            st = pf.metadata.row_group(i).column(col).statistics
+            if st is None or not st.has_min_max or (st.min <= hi and st.max >= lo):
+                return True
+    return False
+
+
 def read_shard(path) -> dict[str, np.ndarray]:
     """One shard's columns: ``activation`` (rows, d) in its stored dtype, ``token_id``,
     ``doc_id``, ``position``; zero-copy, writable views of the decoded Arrow memory."""

@@ -25,7 +25,13 @@ import torch
 from atoms.aip.metric import Whitening
 from atoms.core.errors import InputError
 from atoms.core.validation import as_rows, check_finite
-from atoms.extract.shards import ShardSet, iter_activation_chunks
+from atoms.extract.shards import (
+    ShardSet,
+    doc_range_overlaps,
+    iter_activation_chunks,
+    iter_chunks_with_doc_ids,
+    read_doc_ids,
+)
 
 
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -201,32 +207,16 @@ def read_rows(paths: list[Path], d: int, max_rows: int) -> torch.Tensor:
 HELD_OUT_SEED = 0
 
 
-def _doc_ids(path: Path) -> np.ndarray:
-    with pq.ParquetFile(path) as pf:
-        return pf.read(columns=["doc_id"]).column(0).to_numpy()
-
-
-def _doc_range_overlaps(path: Path, lo: int, hi: int) -> bool:
-    """Whether a shard may hold a doc_id in [lo, hi], from its row groups' statistics (True
-    where a row group has none)."""
-    with pq.ParquetFile(path) as pf:
-        col = pf.schema_arrow.get_field_index("doc_id")
-        for i in range(pf.metadata.num_row_groups):
-            st = pf.metadata.row_group(i).column(col).statistics
-            if st is None or not st.has_min_max or (st.min <= hi and st.max >= lo):
-                return True
-    return False
-
-
 def shared_documents(split: DataSplit) -> np.ndarray:
     """doc_ids found both in a held-out shard and in a training shard (every training shard,
     also when ``limit`` trains on fewer): a document cut by the shard boundary. Training shards
     whose doc_id statistics miss the held-out range are not read."""
-    held = np.unique(np.concatenate([_doc_ids(p) for p in split.holdout]))
+    held = np.unique(np.concatenate([read_doc_ids(p) for p in split.holdout]))
     if not len(held):
         return held
     lo, hi = int(held[0]), int(held[-1])
-    seen = [_doc_ids(p) for p in (split.train_all or split.train) if _doc_range_overlaps(p, lo, hi)]
+    seen = [read_doc_ids(p) for p in (split.train_all or split.train)
+            if doc_range_overlaps(p, lo, hi)]
     return np.intersect1d(held, np.concatenate(seen)) if seen else held[:0]
 
 
@@ -235,17 +225,11 @@ def unseen_rows(split: DataSplit, max_rows: int, exact: bool = True) -> torch.Te
     when fewer exist, all of them (``exact`` False) or an InputError naming the folder."""
     shared = shared_documents(split)
     out, have = [], 0
-    for path in split.holdout:
-        with pq.ParquetFile(path) as pf:
-            for batch in pf.iter_batches(batch_size=8192, columns=["activation", "doc_id"]):
-                keep = ~np.isin(batch.column(1).to_numpy(), shared)
-                rows = batch.column(0).flatten().to_numpy().reshape(-1, split.d)[keep]
-                out.append(torch.from_numpy(rows.astype(np.float32)))
-                have += len(rows)
-                if have >= max_rows:
-                    break
-        if have >= max_rows:
-            break
+    chunks = (c for path in split.holdout for c in iter_chunks_with_doc_ids(path, split.d, 8192))
+    while have < max_rows and (chunk := next(chunks, None)) is not None:
+        rows = chunk[0][~np.isin(chunk[1], shared)]
+        out.append(torch.from_numpy(rows.astype(np.float32)))
+        have += len(rows)
     if have < max_rows and (exact or not have):
         raise InputError(f"{split.folder}: {max_rows} held-out rows asked for but its "
                          f"{len(split.holdout)} held-out shards hold {have} rows of documents "
