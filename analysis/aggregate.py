@@ -149,6 +149,9 @@ def aggregate(table: pd.DataFrame) -> pd.DataFrame:
 
 HEADLINE = {f"{PRIMARY_R2}_mean": "r2_mean", f"{PRIMARY_R2}_lo": "r2_lo",
             f"{PRIMARY_R2}_hi": "r2_hi", "r2_aip_centred_mean": "r2_aip",
+            "r2_aip_centred_lo": "r2_aip_lo", "r2_aip_centred_hi": "r2_aip_hi",
+            f"train_{PRIMARY_R2}_mean": "train_r2", f"train_{PRIMARY_R2}_lo": "train_r2_lo",
+            f"train_{PRIMARY_R2}_hi": "train_r2_hi",
             f"{PRIMARY_Q}_mean": "q_star_mean",
             f"{PRIMARY_Q}_lo": "q_star_lo", f"{PRIMARY_Q}_hi": "q_star_hi",
             "uniqueness_pct_mean": "uniqueness_pct", "l0_mean_mean": "l0",
@@ -210,8 +213,8 @@ def headline(table: pd.DataFrame) -> pd.DataFrame:
     random and pretrained SAEs. Atoms and features are taken at the largest |D| (then largest
     |M|) where both exist, else each at its own largest; random at the |D| nearest that one.
     Columns: model, site, layer, unit_set, family, d_sae_over_h, train_rows, r2_mean/lo/hi
-    (held-out R², euclid centred), q_star_mean/lo/hi (pairwise), uniqueness_pct, l0,
-    dead_fraction, [mono_score], n_seeds."""
+    (held-out R², euclid centred), train_r2/_lo/_hi, r2_aip/_lo/_hi, q_star_mean/lo/hi
+    (pairwise), uniqueness_pct, l0, dead_fraction, [mono_score], n_seeds."""
     agg = aggregate(table)
     keys = ["model", "site", "layer"]
     parts = [p for _, g in agg.groupby(keys, dropna=False, sort=True) for p in _pick(g)]

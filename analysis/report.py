@@ -42,7 +42,8 @@ UNIT_COLUMNS = {"unit_set": "unit set", "family": "family", "d_sae_over_h": "|D|
                 "stability_pw_mcc": "PW-MCC", "converged": "converged", "steps": "steps"}
 HEADLINE_COLUMNS = {"model": "model", "layer": "layer", "unit_set": "unit set",
                     "d_sae_over_h": "|D|/H", "train_rows": "|M|", "k": "k / K",
-                    "r2": "R² (held out)", "r2_aip": "AIP R² (held out)",
+                    "r2": "R² (held out)", "train_r2": "R² (train)",
+                    "r2_aip": "AIP R² (held out)",
                     "q_star": "q* (pairwise)",
                     "uniqueness_pct": "unique %", "l0": "L0", "dead_fraction": "dead",
                     "stability_matched": "seed-stable", "stability_pw_mcc": "PW-MCC",
