@@ -15,31 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import venv
-from pathlib import Path
 
-SAELENS = "sae-lens==6.54.12"
-TORCH = "torch==2.13.0"
+from benchmarks.saelens_venv import run_worker
+
 SHAPES = [(4096, 576, 2304), (2048, 2304, 9216)]
 TARGET_L0 = 48
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def venv_python(fresh: bool) -> Path:
-    """The throw-away venv's interpreter, created and filled on first use."""
-    cache = Path(os.environ.get("ATOMS_CACHE", Path.home() / ".cache" / "atoms"))
-    folder = cache / "bench-venvs" / SAELENS.replace("==", "-")
-    python, stamp = folder / "bin" / "python", folder / ".installed"
-    if fresh or not stamp.exists():
-        print(f"installing {SAELENS} and {TORCH} into {folder} …", flush=True)
-        venv.EnvBuilder(clear=True, with_pip=True).create(folder)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", SAELENS, TORCH, "pyyaml"],
-                       check=True)
-        stamp.touch()
-    return python
 
 
 # -- the timing worker (runs inside the SAELens venv) --------------------------------------------
@@ -173,12 +154,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    python = venv_python(args.fresh_venv)
-    cmd = [python, "-m", "benchmarks.compare_saelens", "--worker", "--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd + (["--quick"] if args.quick else []), cwd=ROOT, env=env,
-                          check=True, stdout=subprocess.PIPE, text=True)
-    report(json.loads(done.stdout.strip().splitlines()[-1]), args.threads)
+    args_out = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    stdout = run_worker("benchmarks.compare_saelens", args_out, args.fresh_venv)
+    report(json.loads(stdout.strip().splitlines()[-1]), args.threads)
 
 
 if __name__ == "__main__":

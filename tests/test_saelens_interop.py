@@ -13,7 +13,7 @@ from atoms.core.config import from_dict
 from atoms.sae.saelens import load_sae
 from atoms.train.job import TrainJob
 from atoms.train.run import train_local
-from benchmarks.compare_saelens import venv_python
+from benchmarks.saelens_venv import venv_python
 from tests.shardsets import synthetic_shard_set
 
 pytestmark = pytest.mark.slow

@@ -113,7 +113,7 @@ def test_help_lists_every_config_field_with_its_docstring(capsys):
     text = capsys.readouterr().out
     for line in ("  sparsity.sparsity_coeff_range ([1e-05, 0.01]): Optuna: λ log-uniform",
                  "  grid.d_sae_over_h ([0.5, 1.0, 2.0, 4.0]): Dictionary sizes |D| as multiples",
-                 "  sae.bandwidth (0.001): Rectangle-kernel STE width",
+                 "  sae.bandwidth (0.05): Rectangle-kernel STE width",
                  "  baselines.pretrained.path (required): Any layout"):
         assert line in text, line
 

@@ -7,7 +7,7 @@ E‖s·x‖² = 1 before encoding, and the reconstruction is scaled back:
     x̂ = (JumpReLU_θ((s·x − b_dec) W_enc + b_enc) W_dec + b_dec) / s,
     JumpReLU_θ(z) = z · 1[z > θ].
 
-The STE bandwidth ε is stated in these normalised units (DeepMind's 0.001 assumes E‖x‖² = 1).
+The STE bandwidth ε is stated in these normalised units (E‖x‖² = 1).
 
 Geometry ``aip`` trains on whitened rows x̃ = (x − c) P with P = S̃^{1/2} (c = 0 for the
 paper's uncentred S̃, the mean for the centred covariance control), so the loss is
@@ -42,8 +42,10 @@ class SAEConfig:
     'batchtopk' (saved as the JumpReLU of its learned threshold)."""
     sparsity_loss: Literal["l0", "tanh", "l1", "none"] = "l0"
     """TSAE: 'l0' (step STE) or 'tanh' (Σ tanh(c·f·‖d‖)); ReLU: 'l1' (Σ f·‖d‖); TopK: 'none'."""
-    bandwidth: float = 0.001
-    """Rectangle-kernel STE width ε, in units of the normalised input (E‖x‖² = 1)."""
+    bandwidth: float = 0.05
+    """Rectangle-kernel STE width ε, in units of the normalised input (E‖x‖² = 1). 0.05 learns
+    the true features of SAELens's synthetic benchmark best (``benchmarks/synthetic_peers.py``;
+    DeepMind's 0.001 leaves latents dead and directions off)."""
     init_threshold: float = 0.001
     """Initial θ for every latent (normalised units)."""
     tanh_scale: float = 4.0
