@@ -2,7 +2,8 @@
 SAELens's own synthetic ground truth (``sae_lens.synthetic``, the generator of SynthSAEBench),
 every SAE scored by SAELens's own ``eval_sae_on_synthetic_data``.
 
-    python -m benchmarks.synthetic_peers [--quick] [--settings small,second] [--seeds 1,2,3]
+    python -m benchmarks.synthetic_peers [--quick | --ablation] [--settings small,second]
+                                         [--seeds 1,2,3] [--device cpu] [--threads 2]
 
 A setting is a ``SyntheticModel`` built with a fixed seed in the pinned SAELens venv of
 ``benchmarks.saelens_venv``: Zipfian firing, a hierarchy with mutually exclusive children,

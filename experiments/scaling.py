@@ -33,7 +33,7 @@ from atoms.store.ray_env import cluster_cpus, ensure_ray
 from atoms.store.results import MONOSEMANTICITY, ResultStore, publish_results, pull_results
 from atoms.store.storage import Storage, is_remote, redact
 from atoms.study.config import StudyConfig
-from atoms.study.plan import describe_plan, pending_trials, write_plan
+from atoms.study.plan import check_resume, describe_plan, pending_trials, write_plan
 from atoms.study.ray_sweep import run_sweep
 from atoms.study.setup import context, planned_width, precheck, shard_folder, study_aip
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     progress = not args.quiet
     start = time.perf_counter()
     precheck(cfg)
+    check_resume(cfg, ResultStore(cfg.out))  # before any work: a changed config is refused
     if args.dry_run:
         print(describe_plan(cfg, planned_width(cfg)))
         return

@@ -215,3 +215,42 @@ def write_plan(cfg: StudyConfig, todo: dict[str, list[Trial]], total: int) -> No
     Storage(cfg.out).write_json("study.json", {
         "config": redact_all(to_dict(cfg)), "trials": total,
         "pending": [dataclasses.asdict(t) for v in todo.values() for t in v]})
+
+
+RESULT_SECTIONS = ("data", "sparsity", "sae", "train", "baselines", "eval", "grid")
+"""Config sections a finished trial's numbers depend on."""
+GRID_CAN_GROW = ("d_sae_over_h", "train_rows", "seeds", "geometries")
+"""Grid lists a resumed study may extend: new cells, finished ones untouched."""
+
+
+def check_resume(cfg: StudyConfig, store: ResultStore) -> None:
+    """Refuse to add to ``<out>`` when its finished trials were made under other settings (the
+    config in its ``study.json``): one line naming the first field that changed."""
+    storage = Storage(cfg.out)
+    if not storage.exists("study.json") or not store.finished():
+        return
+    before = storage.read_json("study.json").get("config", {})
+    now = redact_all(to_dict(cfg))
+    for section in RESULT_SECTIONS:
+        old, new = dict(before.get(section) or {}), dict(now.get(section) or {})
+        if section == "grid":
+            for key in GRID_CAN_GROW:
+                old.pop(key, None), new.pop(key, None)
+        change = _first_change(old, new, section)
+        if change:
+            key, was, is_now = change
+            raise ConfigError(f"{storage.show('study.json')}: its finished trials were made with "
+                              f"{key} = {was!r}, the config now says {is_now!r}; use another "
+                              "out: or remove the folder")
+
+
+def _first_change(old, new, where: str):
+    """(dotted key, old, new) of the first difference between two config trees, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in dict.fromkeys([*old, *new]):
+            change = _first_change(old.get(key), new.get(key), f"{where}.{key}")
+            if change:
+                return change
+        return None
+    return None if old == new else (where, old, new)
+
