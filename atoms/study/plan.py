@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from atoms.core.config import to_dict
 from atoms.core.errors import ConfigError
 from atoms.extract.shards import Manifest
-from atoms.store.results import ResultStore
+from atoms.store.results import ROWS, ResultStore
 from atoms.store.storage import Storage, redact_all
 from atoms.study.config import GEOMETRY_FAMILY, StudyConfig
 from atoms.train.batches import split_rows
@@ -227,7 +227,7 @@ def check_resume(cfg: StudyConfig, store: ResultStore) -> None:
     """Refuse to add to ``<out>`` when its finished trials were made under other settings (the
     config in its ``study.json``): one line naming the first field that changed."""
     storage = Storage(cfg.out)
-    if not storage.exists("study.json") or not store.finished():
+    if not storage.exists("study.json") or not store.storage.files(ROWS, "*.parquet"):
         return
     before = storage.read_json("study.json").get("config", {})
     now = redact_all(to_dict(cfg))
@@ -253,4 +253,3 @@ def _first_change(old, new, where: str):
                 return change
         return None
     return None if old == new else (where, old, new)
-
