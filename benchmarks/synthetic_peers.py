@@ -195,7 +195,7 @@ def _pool(model, s: Setting, name: str) -> torch.Tensor:
     key = f"{name}-{SAELENS}-{digest}.pt"
     path = cache_folder() / "synthetic-pools" / key
     if path.exists():
-        return torch.load(path).to(model.device)
+        return torch.load(path, weights_only=True).to(model.device)
     chunk = 50_000
     pool = _seeded(POOL_SEED, lambda: torch.cat(
         [model.sample(min(chunk, s.pool - i)) for i in range(0, s.pool, chunk)]))
