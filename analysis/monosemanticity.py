@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 4096
 """Rows read by ``run_harness`` unless told otherwise."""
+ROLES = ("explain", "detect")
+"""A unit's top contexts alternate by rank: even ranks are shown to the explainer, odd ranks
+held out for detection (each matched by a ``negative`` context where the unit is 0)."""
+NEGATIVE_POOL = 2048
 BATCH = 1024
 TOKEN_WEIGHT = 0.75
 """Weight of the marked-token agreement in ``heuristic_judge`` (the rest: lexical overlap)."""
@@ -76,14 +80,48 @@ def _paths(shards) -> list[Path]:
 
 
 def _read(paths: Sequence[Path], max_rows: int | None) -> tuple[list[dict], int]:
-    """Whole shards until ``max_rows`` rows are covered; returns (shards, rows to encode)."""
+    """Whole shards until ``max_rows`` rows are covered; returns (shards, rows to encode).
+    Shards of fact prompts (counterfact) also get each row's prompt (``prompt_ids``)."""
     out, have = [], 0
+    prompts = _fact_prompts(paths[0].parent) if paths else None
     for path in paths:
         if max_rows is not None and have >= max_rows:
             break
         out.append(read_shard(path))
+        if prompts is not None:
+            out[-1]["prompt_ids"] = prompts(path, len(out[-1]["token_id"]))
         have += len(out[-1]["token_id"])
     return out, have if max_rows is None else min(have, max_rows)
+
+
+def _fact_prompts(folder: Path):
+    """For a shard folder of fact prompts: (shard path, rows) ↦ each row's unpadded prompt ids
+    and how many lead ids (a BOS) the context leaves out, from the windows the extraction built (the corpus tokenised again, as it was); else None.
+    Rows are their windows' kept positions in order, which is how the extraction wrote them."""
+    if not (folder / "manifest.json").is_file():
+        return None
+    config = ShardSet.open(folder, verify=False).manifest.config
+    if config.get("corpus_format") != "counterfact":
+        return None
+    from atoms.core.config import from_dict
+    from atoms.extract.extraction import ExtractConfig, build_windows
+    from atoms.extract.models import load_tokenizer
+
+    cfg = from_dict(ExtractConfig, config)
+    windows = build_windows(cfg, load_tokenizer(cfg.model, cfg.revision))
+
+    def rows_of(path: Path, n: int) -> np.ndarray:
+        part = windows.shard(int(path.stem.split("-")[1]), cfg.windows_per_shard)
+        at = np.nonzero(part["keep"])[0]
+        if len(at) != n:
+            raise InputError(f"{path}: {n} rows but its windows keep {len(at)}; the corpus "
+                             "changed since the extraction")
+        out, bos = np.empty(n, dtype=object), int(cfg.prepend_bos)
+        for i, w in enumerate(at):
+            out[i] = (part["input_ids"][w, :part["lengths"][w]].tolist(), bos)
+        return out
+
+    return rows_of
 
 
 def _top(unit_set: UnitSet, shards: list[dict], rows: int, k: int) -> tuple[torch.Tensor, ...]:
@@ -125,6 +163,15 @@ def _mark(text: str) -> str:
 
 
 def _context(cols: dict, r: int, window: int, dec) -> str:
+    if "prompt_ids" in cols:  # a fact prompt: the prompt itself, the row's token marked
+        ids, lead = cols["prompt_ids"][r]
+        at = int(cols["position"][r])
+        lead = start = min(lead, at)  # a BOS row shows its BOS
+        for start in range(at, lead - 1, -1):  # the token's whole characters (byte pieces)
+            if not dec(ids[lead:start]).endswith("\ufffd"):
+                break
+        text = dec(ids[lead:start]) + _mark(dec(ids[start:at + 1])) + dec(ids[at + 1:])
+        return text.replace("\n", "⏎")
     left, more_left = _run(cols["doc_id"], cols["position"], r, -1, window)
     right, more_right = _run(cols["doc_id"], cols["position"], r, 1, window)
     tok = cols["token_id"]
@@ -136,24 +183,46 @@ def _context(cols: dict, r: int, window: int, dec) -> str:
     return (before + _mark(dec([int(tok[r])])) + after).replace("\n", "⏎")
 
 
+def _inactive(unit_set: UnitSet, shards: list[dict], rows: int, units: np.ndarray,
+              rng: np.random.Generator, pool: int = NEGATIVE_POOL) -> dict[int, list[int]]:
+    """Per unit, rows (in a seeded random order) of a sample of ``pool`` rows where its code
+    is 0: the detection task's negatives."""
+    picks = np.sort(rng.choice(rows, min(pool, rows), replace=False))
+    acts = np.concatenate([s["activation"] for s in shards])[picks]
+    codes = unit_set.encode(torch.from_numpy(acts).float())[:, torch.as_tensor(units)]
+    order = rng.permutation(len(picks))
+    return {int(u): [int(picks[i]) for i in order if codes[i, j] <= 0]
+            for j, u in enumerate(units)}
+
+
 def _contexts(unit_set: UnitSet, shards: list[dict], rows: int, dec, n_units: int, top_k: int,
               window: int, seed: int) -> list[dict]:
     vals, idx = _top(unit_set, shards, rows, top_k)
-    cols = {c: np.concatenate([s[c] for s in shards]) for c in ("token_id", "doc_id", "position")}
+    names = ("token_id", "doc_id", "position", *(["prompt_ids"] if "prompt_ids" in shards[0]
+                                                 else []))
+    cols = {c: np.concatenate([s[c] for s in shards]) for c in names}
     live = torch.nonzero(vals[:, 0] > 0).flatten().numpy()
     rng = np.random.default_rng(seed)
     units = np.sort(rng.choice(live, min(n_units, len(live)), replace=False))
+    inactive = _inactive(unit_set, shards, rows, units, rng) if len(units) else {}
+
+    def record(u, rank, v, r, role):
+        return {"unit_set": unit_set.name, "unit": int(u), "rank": rank, "role": role,
+                "activation": float(v), "doc_id": int(cols["doc_id"][r]),
+                "position": int(cols["position"][r]), "token_id": int(cols["token_id"][r]),
+                "token": dec([int(cols["token_id"][r])]),
+                "context": _context(cols, r, window, dec)}
+
     records = []
     for u in units:
+        detect = 0
         for rank, (v, r) in enumerate(zip(vals[u].tolist(), idx[u].tolist(), strict=True)):
             if v <= 0 or r < 0:
                 break
-            records.append({"unit_set": unit_set.name, "unit": int(u), "rank": rank,
-                            "activation": float(v), "doc_id": int(cols["doc_id"][r]),
-                            "position": int(cols["position"][r]),
-                            "token_id": int(cols["token_id"][r]),
-                            "token": dec([int(cols["token_id"][r])]),
-                            "context": _context(cols, r, window, dec)})
+            role = ROLES[rank % 2]
+            detect += role == "detect"
+            records.append(record(u, rank, v, r, role))
+        records += [record(u, -1, 0.0, r, "negative") for r in inactive[int(u)][:detect]]
     return records
 
 
@@ -188,7 +257,8 @@ def heuristic_judge(unit_records: list[dict]) -> float:
     """Offline score in [0, 1]: TOKEN_WEIGHT · s_tok + (1 − TOKEN_WEIGHT) · s_lex, where
     s_tok = (count of the most common marked token)/n, tokens lower-cased and whitespace-
     normalised, and s_lex = mean pairwise Jaccard similarity of the contexts' lower-case word
-    sets (0 with one context)."""
+    sets (0 with one context); over the unit's active contexts (not its negatives)."""
+    unit_records = [r for r in unit_records if r.get("role") != "negative"]
     if not unit_records:
         raise InputError("heuristic_judge: no records for this unit")
     n = len(unit_records)
@@ -204,31 +274,52 @@ def _judge_name(judge) -> str:
     return getattr(judge, "__name__", type(judge).__name__)
 
 
-def judge_units(records: list[dict], judge: Callable[[list[dict]], float]) -> pd.DataFrame:
+SCORE_COLUMNS = ["unit_set", "unit", "score", "n_contexts", "judge", "attempts",
+                 "parse_failures"]
+
+
+def judge_units(records: list[dict], judge: Callable[[list[dict]], float | dict],
+                progress: bool = False) -> pd.DataFrame:
     """One row per (unit_set, unit): score = judge(that unit's records), in [0, 1]; columns
-    unit_set, unit, score, n_contexts, judge."""
+    unit_set, unit, score, n_contexts, judge, attempts, parse_failures. A judge returns a
+    number, or a dict {score, attempts, parse_failures} (an LLM judge): its score may then be
+    NaN, a unit whose answers all failed to parse."""
+    from tqdm.auto import tqdm
+
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["unit_set"], r["unit"]), []).append(r)
     name, rows = _judge_name(judge), []
-    for (unit_set, unit), recs in groups.items():
-        score = judge(recs)
+    for (unit_set, unit), recs in tqdm(groups.items(), desc=f"judge {name}",
+                                       disable=not progress):
+        out = judge(recs)
+        verdict = out if isinstance(out, dict) else {"score": out, "attempts": 1,
+                                                     "parse_failures": 0}
         try:
-            score = float(score)
+            score = float(verdict["score"])
         except (TypeError, ValueError):
-            score = math.nan
-        if not 0.0 <= score <= 1.0:
-            raise InputError(f"judge {name}: unit {unit} of {unit_set}: score {score!r} is not "
-                             "a number in [0, 1]")
+            score = math.inf
+        unparsed = math.isnan(score) and verdict["parse_failures"] > 0
+        if not (0.0 <= score <= 1.0 or unparsed):
+            raise InputError(f"judge {name}: unit {unit} of {unit_set}: score "
+                             f"{verdict['score']!r} is not a number in [0, 1]")
         rows.append({"unit_set": unit_set, "unit": unit, "score": score,
-                     "n_contexts": len(recs), "judge": name})
-    return pd.DataFrame(rows, columns=["unit_set", "unit", "score", "n_contexts", "judge"])
+                     "n_contexts": len(recs), "judge": name,
+                     "attempts": int(verdict["attempts"]),
+                     "parse_failures": int(verdict["parse_failures"])})
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
 def score_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per unit set (and judge): n_units, score_mean, score_lo, score_hi (95% t over units)."""
+    """Per unit set (and judge): n_units, score_mean, score_lo, score_hi (95% t over the units
+    with a score) and parse_failure_fraction (failed / attempted answers)."""
     by = ["unit_set", "judge"] if "judge" in scores else ["unit_set"]
-    return interval_table(scores, by, ["score"]).rename(columns={"n_seeds": "n_units"})
+    table = interval_table(scores, by, ["score"]).rename(columns={"n_seeds": "n_units"})
+    if "parse_failures" in scores:
+        sums = scores.groupby(by, dropna=False, sort=True)[["parse_failures", "attempts"]].sum()
+        fraction = (sums["parse_failures"] / sums["attempts"]).rename("parse_failure_fraction")
+        table = table.merge(fraction.reset_index(), on=by, how="left")
+    return table
 
 
 # ---------------------------------------------------------------------------- study harness
@@ -287,11 +378,13 @@ def _tokenizer(model):
 
 def run_harness(study_folder, n_units: int = 16, top_k: int = 8, judge=None, *,
                 window: int = 8, max_rows: int | None = MAX_ROWS, seed: int = 0,
-                decode=None) -> Path:
+                decode=None, progress: bool = False) -> Path:
     """Contexts and judge scores for a study's unit sets on its held-out shards (the last
     ``data.holdout_shards`` of its data folder, first ``max_rows`` rows). Writes
     <study>/monosemanticity/contexts.jsonl and scores.parquet; returns that folder.
-    ``decode`` defaults to the study model's tokenizer (token ids when it cannot be loaded)."""
+    ``decode`` defaults to the study model's tokenizer (token ids when it cannot be loaded).
+    ``judge``: a callable (default ``heuristic_judge``) or an ``analysis.judges`` judge, whose
+    prompts and raw answers go to judgements.jsonl."""
     study = Path(study_folder)
     b = best(load_results(study))
     picks = _unit_sets(b, study)
@@ -312,9 +405,15 @@ def run_harness(study_folder, n_units: int = 16, top_k: int = 8, judge=None, *,
         meta.append({"unit_set": units.name, **{c: row.get(c) for c in
                      ("family", "trial_key", "d_sae", "d_sae_over_h", "train_rows")}})
     out = study / OUT
-    export_jsonl(records, out / "contexts.jsonl")
-    scores = judge_units(records, judge or heuristic_judge).merge(
+    judge = judge or heuristic_judge
+    scores = judge_units(records, judge, progress).merge(
         pd.DataFrame(meta), on="unit_set", how="left")
+    export_jsonl(records, out / "contexts.jsonl")
+    log = getattr(judge, "log", None)
+    if log is not None:  # prompts, raw answers and parse failures beside the scores
+        export_jsonl(log, out / "judgements.jsonl")
+    else:
+        (out / "judgements.jsonl").unlink(missing_ok=True)
     with atomic_path(out / "scores.parquet") as tmp:
         scores.to_parquet(tmp, index=False)
     return out
@@ -326,11 +425,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--units", type=int, default=16, help="units sampled per unit set")
     parser.add_argument("--top-k", type=int, default=8, help="contexts per unit")
     parser.add_argument("--max-rows", type=int, default=MAX_ROWS, help="held-out rows read")
+    parser.add_argument("--judge", default="heuristic",
+                        help="heuristic (offline), hf:<model> (e.g. hf:smollm2-135m) or "
+                             "openai:<model>")
+    parser.add_argument("--judge-url", default=None, help="openai: the endpoint's base URL")
+    parser.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                        help="openai: the environment variable holding the key")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        from analysis.judges import make_judge
+
+        judge = make_judge(args.judge, args.judge_url, args.judge_key_env)
         study = pull_results(args.study) if is_remote(args.study) else Path(args.study)
-        out = run_harness(study, args.units, args.top_k, max_rows=args.max_rows)
+        out = run_harness(study, args.units, args.top_k, judge, max_rows=args.max_rows,
+                          progress=True)
         if is_remote(args.study):
             publish_results(study, args.study, (OUT,))
     except AtomsError as e:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import claim_plots, plots, verdicts
-from analysis.aggregate import aggregate, best, headline, interval_table, load_results
+from analysis.aggregate import aggregate, best, headline, load_results
+from analysis.monosemanticity import score_table
 from analysis.scaling_law import KEYS, critical_capacity, fit_power_law, gao_fit, law_summary
 from analysis.verdicts import where as _where
 from atoms.aip.shift import pairwise_angles
@@ -444,20 +445,27 @@ def monosemanticity(doc: Doc, table: pd.DataFrame) -> None:
         return
     scores = pd.concat(frames, ignore_index=True)
     doc.h("Monosemanticity (judged unit explanations)")
-    summary = interval_table(scores, ["unit_set"], ["score"]).rename(columns={"n_seeds": "units"})
-    if "judge" in scores:
-        judges = scores.groupby("unit_set")["judge"].agg(lambda j: ", ".join(sorted(set(map(
-            str, j)))))
-        summary["judge"] = summary["unit_set"].map(judges)
-    doc.table(tidy(summary, {"unit_set": "unit set", "units": "units", "score": "mean score",
-                             "judge": "judge"}))
+    if "judge" not in scores:
+        scores["judge"] = "heuristic_judge"
+    summary = score_table(scores)
+    names = {"unit_set": "unit set", "judge": "judge", "n_units": "units",
+             "score": "mean score", "parse_failure_fraction": "parse failures"}
+    doc.table(tidy(summary, names))
+    judges = sorted(set(map(str, scores["judge"])))
+    llm = [j for j in judges if j != "heuristic_judge"]
+    if llm:
+        doc.p(f"Judged by {', '.join(llm)} as delphi scores explanations: the judge explains "
+              "a unit from half its top contexts, then labels the other half and as many "
+              "contexts where the unit is 0 as fitting the explanation or not. The score is "
+              "balanced accuracy (chance 0.5); an answer that is not yes or no is a parse "
+              "failure, counted above, never a score.")
     docs = _context_documents(table["source"].unique())
-    if docs is not None:
+    if docs is not None and "heuristic_judge" in judges:
         doc.p(f"The top contexts come from {docs} distinct document{'s' * (docs != 1)} of the "
               "held-out rows. "
               "With few documents the contexts of every unit share words, and the offline "
-              "heuristic (token agreement + lexical overlap) cannot separate the unit sets; pass "
-              "an LLM judge to analysis.monosemanticity.run_harness for a real reading.")
+              "heuristic (token agreement + lexical overlap) cannot separate the unit sets; set "
+              "monosemanticity.judge (hf:<model> or openai:<model>) for an LLM's reading.")
 
 
 def _context_documents(sources) -> int | None:
@@ -481,12 +489,24 @@ def provenance(doc: Doc, table: pd.DataFrame) -> None:
         rows.append({"study": _join(g, "study"), "rows": len(g),
                      "code version": _join(g, "code_version"),
                      "R² variant": _join(g, "r2_primary"), "q* reading": _join(g, "q_star_primary"),
+                     "positions": _join(g, "positions"), "S̃ from": _aip_source(g),
                      "config sha256": hashlib.sha256(conf.encode()).hexdigest()[:12] if conf
                      else "–", "folder": source})
         if conf:
             doc.details(f"study_config of {_join(g, 'study')}",
                         json.dumps(json.loads(conf), indent=1, sort_keys=True))
     doc.table(pd.DataFrame(rows))
+
+
+def _aip_source(g: pd.DataFrame) -> str:
+    """S̃'s corpus, rows and exclusions as every row records them ('–' for older rows)."""
+    if "aip_corpus" not in g or g["aip_corpus"].isna().all():
+        return "–"
+    row = g.dropna(subset=["aip_corpus"]).iloc[0]
+    left_out = [f"{int(row[f'aip_dropped_{k}'])} {name}" for k, name in
+                (("bos", "BOS"), ("sinks", "sink")) if row.get(f"aip_dropped_{k}", 0) > 0]
+    out = f"{row['aip_corpus']}, {int(row['aip_rows']):,} rows"
+    return out + (f" ({', '.join(left_out)} rows left out)" if left_out else "")
 
 
 def _join(g: pd.DataFrame, col: str) -> str:

@@ -8,8 +8,9 @@ From one YAML config: extract (or reuse) one layer's activations, fit the AIP S�
 trial of the grid |D| × |M| × seed × λ (λ gridded or proposed by Optuna) plus the baselines
 (neurons, random directions, ReLU-L1 features, imported SAEs) through Ray Tune. Each finished
 trial writes its rows to <out>/rows/; a rerun skips finished trials and does the rest. Ends
-with <out>/results.parquet, <out>/summary.md, top-activating contexts with offline judge scores
-(<out>/monosemanticity/) and <out>/report.html (+ report.md).
+with <out>/results.parquet, <out>/summary.md, top-activating contexts with judge scores
+(<out>/monosemanticity/: the offline heuristic, or an LLM judge by ``monosemanticity.judge``)
+and <out>/report.html (+ report.md).
 
 ``out``, ``data.extract.out`` and ``data.shards`` may be storage URIs (s3://bucket/prefix, …;
 see atoms.store.storage), so every node of a cluster reads and writes the same place; an unwritable
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.judges import make_client, make_judge
 from analysis.monosemanticity import run_harness
 from analysis.report import REPORT_FILES, build_report
 from analysis.stability import with_stability
@@ -52,7 +54,10 @@ def finish(cfg: StudyConfig, store: ResultStore, aip=None) -> tuple[str, Path, P
     local = pull_results(cfg.out)
     summary_path = summarise(table, local)
     print(summary_path.read_text())
-    print(f"monosemanticity (offline heuristic judge): {run_harness(local)}", flush=True)
+    m = cfg.monosemanticity
+    judge = make_judge(m.judge, m.judge_url, m.judge_key_env)
+    out = run_harness(local, m.units, m.top_k, judge, progress=True)
+    print(f"monosemanticity (judge {m.judge}): {out}", flush=True)
     report_html, report_md = build_report(local)
     if is_remote(cfg.out):
         publish_results(local, cfg.out, (summary_path.name, MONOSEMANTICITY, *REPORT_FILES))
@@ -79,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     precheck(cfg)
     check_resume(cfg, ResultStore(cfg.out))  # before any work: a changed config is refused
+    m = cfg.monosemanticity
+    if m.judge.startswith("openai:"):  # an unreachable endpoint or a missing key fails now
+        make_client(m.judge, m.judge_url, m.judge_key_env)
     if args.dry_run:
         print(describe_plan(cfg, planned_width(cfg)))
         return

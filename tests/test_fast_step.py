@@ -121,3 +121,45 @@ def test_the_fused_dense_function_gives_autograds_gradients(bias, monkeypatch):
     params = dict(sae.named_parameters())
     for name, g in grads.items():
         torch.testing.assert_close(params[name].grad, g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pre_activation_loss_gradient_is_autograds(bias):
+    """The dead latents' pre-activation loss c·(1/B) Σᵢ Σⱼ∈dead ReLU(θⱼ − zᵢⱼ)·‖dⱼ‖."""
+    sae = random_sae(bias, seed=3)
+    trainer = Trainer(sae, TrainConfig(steps=10, pre_act_coeff=0.7, pre_act_window=5))
+    trainer.state.step = 20
+    dead = torch.zeros(80, dtype=torch.bool)
+    dead[[3, 17, 40, 79]] = True
+    trainer.state.last_fired = torch.where(dead, 2, 19)
+    x = torch.randn(32, 24)
+    params = dict(sae.named_parameters())
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    trainer._pre_act_grad(x)
+    got = {k: p.grad.clone() for k, p in params.items()}
+    sae.zero_grad(set_to_none=True)
+    z = sae.pre_activations(x * sae.input_scale)
+    norms = torch.linalg.vector_norm(sae.W_dec, dim=1)
+    loss = 0.7 / len(x) * ((sae.threshold - z).relu() * dead * norms.detach()).sum()
+    loss.backward()
+    for k, p in params.items():
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-7)
+    assert got["threshold"][dead].gt(0).any() and got["threshold"][~dead].eq(0).all()
+
+
+def test_pre_activation_loss_revives_a_dead_latent():
+    x = torch.randn(4096, 24)
+
+    def train(coeff):
+        sae = random_sae(True, seed=4)
+        with torch.no_grad():
+            sae.threshold[5] = 50.0  # far above every pre-activation: dead from the start
+        trainer = Trainer(sae, TrainConfig(steps=300, batch_size=64, lr=1e-2, pre_act_window=20,
+                                           pre_act_coeff=coeff, log_every=50))
+        for step in range(300):
+            trainer.step(x[(step * 64) % 4096:][:64])
+        return bool(trainer.state.last_fired[5] >= 0)
+
+    assert not train(0.0) and train(1e-3)

@@ -47,6 +47,15 @@ def shard_folder(path):
     return path, tok
 
 
+def neuron_zero(folder):
+    """(doc_id, position, neuron 0's value) of every row."""
+    from atoms.extract.shards import read_shard
+
+    shards = [read_shard(p) for p in sorted(folder.glob("shard-*.parquet"))]
+    return tuple(np.concatenate([s[c] for s in shards]) for c in ("doc_id", "position")) + (
+        np.concatenate([s["activation"][:, 0] for s in shards]),)
+
+
 def by_unit(records):
     out = {}
     for r in records:
@@ -59,9 +68,14 @@ def test_planted_neuron_contexts_and_judge(tmp_path):
     recs = top_contexts(UnitSet.neurons(D), folder, WORDS, n_units=D, top_k=5, window=2)
     units = by_unit(recs)
     assert sorted(units) == list(range(D))
-    zero = units[0]
+    zero = [r for r in units[0] if r["role"] != "negative"]
     assert {(r["doc_id"], r["position"]) for r in zero} == set(PLANTED)
     assert [r["rank"] for r in zero] == list(range(5))
+    assert [r["role"] for r in zero] == ["explain", "detect"] * 2 + ["explain"]
+    negatives = [r for r in units[0] if r["role"] == "negative"]
+    assert len(negatives) == 2 and all(r["rank"] == -1 for r in negatives)
+    acts = {(d, p): a for d, p, a in zip(*neuron_zero(folder), strict=True)}
+    assert all(acts[(r["doc_id"], r["position"])] <= 0 for r in negatives)
     assert [r["activation"] for r in zero] == sorted((r["activation"] for r in zero), reverse=True)
     assert all(r["token"] == f" w{PLANT}" and f"«w{PLANT}»" in r["context"] for r in zero)
     ctx = {(r["doc_id"], r["position"]): r["context"] for r in zero}

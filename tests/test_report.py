@@ -94,7 +94,8 @@ def study(tmp_path_factory) -> Path:
     table.to_parquet(folder / "results.parquet", index=False)
     (folder / "monosemanticity").mkdir()
     pd.DataFrame({"unit_set": ["atoms"] * 4 + ["neurons"] * 4, "unit": list(range(4)) * 2,
-                  "score": [0.6, 0.7, 0.8, 0.7, 0.2, 0.3, 0.25, 0.2], "judge": "test"}
+                  "score": [0.6, 0.7, 0.8, 0.7, 0.2, 0.3, 0.25, 0.2], "judge": "test",
+                  "attempts": 10, "parse_failures": [4, 0, 0, 0, 0, 0, 0, 0]}
                  ).to_parquet(folder / "monosemanticity" / "scores.parquet")
     return folder
 
@@ -137,7 +138,8 @@ def test_report_content(report, study):
     alpha = float(re.search(r"with α = ([0-9.]+)", md).group(1))
     assert alpha == pytest.approx(0.5, abs=0.05)
     assert "tsae-D256-M16384-s0-opt9" in md and "diverged" in md
-    assert "| atoms | 4 | 0.7 [" in md
+    assert "| unit set | judge | units | mean score | parse failures |" in md
+    assert "| atoms | test | 4 | 0.7 [" in md and "| 0.1 |" in md  # 4 of 40 answers
     assert "0.1.0+test" in md and "r2_euclid_centred" in md and "q_star_pairwise" in md
     assert not list(study.glob(".report*.tmp"))
     page = report[0].read_text()
@@ -195,7 +197,7 @@ def test_main_on_a_stored_study_publishes_its_report(study, s3_server, storage_c
     stored = store.files(recursive=True)
     assert {"report.html", "report.md", "report_files/r2_heatmap_0.png"} <= set(stored)
     assert store.read_bytes("report.md") == (local / "report.md").read_bytes()
-    assert "| atoms | 4 | 0.7 [" in (local / "report.md").read_text()
+    assert "| atoms | test | 4 | 0.7 [" in (local / "report.md").read_text()
 
 
 def test_control_verdicts_compare_each_learned_set_with_the_best_exemplar():

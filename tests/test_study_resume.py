@@ -38,3 +38,20 @@ def test_an_unchanged_or_grown_study_resumes(tmp_path):
     check_resume(grown, ResultStore(grown.out))
     empty = StudyConfig(out=str(tmp_path / "new"))
     check_resume(empty, ResultStore(empty.out))
+
+
+def test_fields_newer_than_the_recorded_config_count_as_their_defaults(tmp_path):
+    import json
+
+    cfg = _finished_study(tmp_path)
+    path = tmp_path / "out" / "study.json"
+    recorded = json.loads(path.read_text())
+    del recorded["config"]["data"]["aip"]  # a study made before S̃ had a recipe
+    path.write_text(json.dumps(recorded))
+    check_resume(cfg, ResultStore(cfg.out))  # its default is what was done then
+    del recorded["config"]["train"]["pre_act_coeff"]  # made before the pre-activation loss
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match="train.pre_act_coeff = 0.0"):
+        check_resume(cfg, ResultStore(cfg.out))
+    no_loss = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pre_act_coeff=0.0))
+    check_resume(no_loss, ResultStore(cfg.out))

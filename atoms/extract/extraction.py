@@ -21,6 +21,7 @@ from atoms.core.config import require, to_dict
 from atoms.core.errors import ConfigError, InputError
 from atoms.core.io import code_version
 from atoms.extract.corpus import iter_documents, token_windows
+from atoms.extract.counterfact import check_fields, fact_prompts, prompt_windows
 from atoms.extract.hooks import SITES, HookPoint, check_hook_points, extract_rows
 from atoms.extract.models import LoadedModel, load_model, num_layers
 from atoms.extract.shard_store import (
@@ -42,17 +43,32 @@ class ExtractConfig:
     dtype: str | None = None
     """Model dtype: float32 (CPU default), bfloat16 (GPU default) or float16."""
     corpus: str = "wiki-sample"
-    """Built-in (wiki-sample, pydoc), local txt/jsonl/parquet, or a Hugging Face dataset."""
+    """Built-in (wiki-sample, pydoc), local txt/jsonl/parquet, or a Hugging Face dataset;
+    with ``corpus_format: counterfact`` a CounterFact .json/.jsonl file or dataset id."""
+    corpus_format: Literal["text", "counterfact"] = "text"
+    """'text': documents cut into ``context_len`` windows; 'counterfact': one window a fact
+    prompt (ROME's records, ``atoms.extract.counterfact``), right-padded, record id as doc id."""
+    counterfact_prompts: list[str] = field(default_factory=lambda: ["rewrite"])
+    """counterfact: the prompt fields that become texts (rewrite, paraphrase, neighborhood,
+    attribute, generation)."""
     corpus_config: str | None = None
     split: str = "train"
     text_field: str = "text"
     sites: list[str] = field(default_factory=lambda: ["resid_post"])
     layers: list[int] = field(default_factory=lambda: [15])
-    positions: Literal["all", "no_bos", "last"] = "no_bos"
+    positions: Literal["all", "no_bos", "last", "subject_last"] = "no_bos"
+    """Rows kept per window: every token, all but a BOS, the last token, or (counterfact) the
+    last token of the subject span."""
     context_len: int = 128
+    """text: tokens a window; counterfact: the longest prompt kept (longer ones are skipped and
+    counted)."""
     prepend_bos: bool = True
     max_tokens: int = 65536
-    """Tokens to run through the model (whole windows; the last partial window is dropped)."""
+    """Tokens to run through the model (text: whole windows, the last partial one dropped;
+    counterfact: prompts until their tokens reach it)."""
+    max_documents: int = 0
+    """text: read at most this many documents (0: no cap); with ``windows_per_doc: 1`` each
+    one is truncated to its first window (the paper's S̃: 100K Wikipedia documents)."""
     windows_per_doc: int = 0
     """Keep only each document's first this-many windows (0: all); more documents for the
     same tokens, so a held-out split by document has documents to hold out."""
@@ -75,8 +91,13 @@ class ExtractConfig:
         require(len(self.layers) > 0, "layers", "must list at least one layer")
         require(all(layer >= 0 for layer in self.layers), "layers", "must be non-negative")
         require(self.context_len >= 2, "context_len", "must be at least 2")
+        require(self.positions != "subject_last" or self.corpus_format == "counterfact",
+                "positions", "subject_last needs corpus_format: counterfact")
+        if self.corpus_format == "counterfact":
+            check_fields(self.counterfact_prompts)
         require(self.max_tokens >= self.context_len, "max_tokens", "must be ≥ context_len")
         require(self.windows_per_doc >= 0, "windows_per_doc", "must be ≥ 0")
+        require(self.max_documents >= 0, "max_documents", "must be ≥ 0")
         require(self.windows_per_shard >= 1, "windows_per_shard", "must be positive")
         require(self.batch_windows >= 1, "batch_windows", "must be positive")
         require(self.num_actors >= 1, "num_actors", "must be positive")
@@ -89,22 +110,37 @@ class ExtractConfig:
 
 @dataclass
 class Windows:
-    """All context windows of a run: ids (n, T) int64 and each window's document index."""
+    """All context windows of a run: ids (n, T) int64, each window's document index and, for
+    fact prompts, ``keep`` (n, T) bool, the positions kept (None: ``positions`` decides), and
+    each prompt's unpadded length, with the prompts kept and skipped in ``selection``."""
 
     input_ids: np.ndarray
     doc_ids: np.ndarray
+    keep: np.ndarray | None = None
+    lengths: np.ndarray | None = None
+    selection: dict = field(default_factory=dict)
 
-    def shard(self, index: int, per_shard: int) -> tuple[np.ndarray, np.ndarray]:
+    def shard(self, index: int, per_shard: int) -> dict:
+        """Shard ``index``'s arrays, as ``ShardExtractor.write`` takes them."""
         sl = slice(index * per_shard, (index + 1) * per_shard)
-        return self.input_ids[sl], self.doc_ids[sl]
+        return {"input_ids": self.input_ids[sl], "doc_ids": self.doc_ids[sl],
+                **{k: getattr(self, k)[sl] for k in ("keep", "lengths")
+                   if getattr(self, k) is not None}}
 
     def n_shards(self, per_shard: int) -> int:
         return -(-len(self.input_ids) // per_shard)
 
 
 def build_windows(cfg: ExtractConfig, tokenizer) -> Windows:
-    """Tokenise the corpus into ``max_tokens // context_len`` full windows."""
-    docs = iter_documents(cfg.corpus, cfg.text_field, cfg.split, cfg.corpus_config)
+    """Tokenise the corpus into ``max_tokens // context_len`` full windows, or (counterfact)
+    into one right-padded window a kept prompt."""
+    if cfg.corpus_format == "counterfact":
+        prompts = fact_prompts(cfg.corpus, cfg.counterfact_prompts, cfg.split, cfg.corpus_config)
+        batch = prompt_windows(prompts, tokenizer, cfg.positions, cfg.context_len,
+                               cfg.prepend_bos, cfg.max_tokens)
+        return Windows(batch.input_ids, batch.doc_ids, batch.keep, batch.lengths, batch.counts)
+    docs = iter_documents(cfg.corpus, cfg.text_field, cfg.split, cfg.corpus_config,
+                          cfg.max_documents or None)
     wanted = cfg.max_tokens // cfg.context_len
     windows = list(token_windows(docs, tokenizer, cfg.context_len, cfg.prepend_bos, wanted,
                                  cfg.windows_per_doc))
@@ -126,29 +162,32 @@ class ShardExtractor:
         self.store = Storage(cfg.out) if is_remote(cfg.out) else None
         self.root = mirror_path(cfg.out) if self.store else cfg.out
 
-    def extract(self, input_ids: np.ndarray):
-        """Rows of every hook point for these windows, batch by batch (a generator)."""
+    def extract(self, input_ids: np.ndarray, keep: np.ndarray | None = None):
+        """Rows of every hook point for these windows, batch by batch (a generator); ``keep``
+        (fact prompts) marks the positions kept, else ``positions`` does."""
         ids = torch.tensor(input_ids, dtype=torch.long)  # a copy: Ray hands read-only arrays
+        mask = None if keep is None else torch.tensor(keep, dtype=torch.bool)
         for b0 in range(0, len(ids), self.cfg.batch_windows):
-            batch = ids[b0 : b0 + self.cfg.batch_windows]
-            rows = extract_rows(self.loaded.model, batch, self.points, self.cfg.positions,
-                                self.bos_id)
+            sl = slice(b0, b0 + self.cfg.batch_windows)
+            rows = extract_rows(self.loaded.model, ids[sl], self.points, self.cfg.positions,
+                                self.bos_id, None if mask is None else mask[sl])
             yield b0, rows
 
-    def write(self, index: int, input_ids: np.ndarray, doc_ids: np.ndarray) -> dict:
+    def write(self, index: int, input_ids: np.ndarray, doc_ids: np.ndarray,
+              keep: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict:
         """Extract one shard and write it to every hook point's folder (for a storage ``out``:
         into this node's mirror, then published)."""
         parts = {p: [] for p in self.points}
         token_ids, docs, positions = [], [], []
         window_docs = torch.tensor(doc_ids)
-        for b0, rows in self.extract(input_ids):
+        for b0, rows in self.extract(input_ids, keep):
             for p in self.points:
                 parts[p].append(rows.activations[p])
             token_ids.append(rows.token_ids)
             docs.append(window_docs[b0 + rows.window_index])
             positions.append(rows.positions)
         token_ids, docs, positions = (torch.cat(t).numpy() for t in (token_ids, docs, positions))
-        tokens = int(input_ids.size)
+        tokens = int(input_ids.size if lengths is None else np.sum(lengths))
         for p in self.points:
             folder = layer_folder(self.root, p.site, p.layer)
             write_shard(folder, index, torch.cat(parts[p]).numpy(), token_ids, docs, positions,
@@ -170,8 +209,9 @@ def pending_shards(cfg: ExtractConfig, n_shards: int) -> list[int]:
 
 _RUN_FIELDS = ("model", "revision", "corpus", "corpus_config", "split", "text_field",
                "positions", "context_len", "prepend_bos", "windows_per_doc", "windows_per_shard",
-               "storage_dtype")
-_RUN_FIELD_DEFAULTS = {"windows_per_doc": 0}
+               "storage_dtype", "corpus_format", "counterfact_prompts", "max_documents")
+_RUN_FIELD_DEFAULTS = {"windows_per_doc": 0, "corpus_format": "text", "max_documents": 0,
+                       "counterfact_prompts": ["rewrite"]}
 """What a recorded extraction from before a field existed did."""
 
 
@@ -192,9 +232,11 @@ def claim_output(cfg: ExtractConfig) -> None:
     store.write_text(name, json.dumps(mine, indent=2))
 
 
-def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Path | str]:
-    """One manifest per hook point, listing its verified shards; returns the manifest paths
-    (for a storage ``out``: the stored URIs, the manifests also written to the mirror)."""
+def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int,
+                    selection: dict | None = None) -> list[Path | str]:
+    """One manifest per hook point, listing its verified shards (and ``selection``: the fact
+    prompts kept and skipped); returns the manifest paths (for a storage ``out``: the stored
+    URIs, the manifests also written to the mirror)."""
     written = []
     for p in cfg.hook_points:
         shards = finished_layer_shards(cfg.out, p.site, p.layer)
@@ -212,6 +254,7 @@ def write_manifests(cfg: ExtractConfig, revision: str, n_shards: int) -> list[Pa
             shards=infos, context_len=cfg.context_len, corpus=cfg.corpus, config=to_dict(cfg),
             code_version=code_version(),
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            selection=dict(selection or {}),
         )
         written.append(save_layer_manifest(cfg.out, p.site, p.layer, manifest))
     return written

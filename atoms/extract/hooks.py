@@ -142,11 +142,13 @@ def extract_rows(
     points: Sequence[HookPoint],
     positions: str = "all",
     bos_id: int | None = None,
+    keep: torch.Tensor | None = None,
 ) -> ExtractedRows:
-    """Run ``hooked_forward`` and keep the selected positions of every hook point."""
+    """Run ``hooked_forward`` and keep the selected positions of every hook point: those of
+    ``positions``, or the True ones of ``keep`` (B, T) when given (fact prompts)."""
     device = next(model.parameters()).device
     acts = hooked_forward(model, input_ids.to(device), points)
-    mask = position_mask(input_ids, positions, bos_id)
+    mask = position_mask(input_ids, positions, bos_id) if keep is None else keep
     where = mask.nonzero()
     flat = {p: a.float()[mask.to(a.device)].cpu() for p, a in acts.items()}
     return ExtractedRows(flat, input_ids[mask], where[:, 0], where[:, 1])

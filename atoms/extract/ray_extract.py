@@ -33,9 +33,9 @@ class _ExtractActor:
         self.extractor = ShardExtractor(from_dict(ExtractConfig, cfg))
 
     def __call__(self, batch: dict) -> dict:
-        out = [self.extractor.write(int(i), ids, docs)
-               for i, ids, docs in zip(batch["index"], batch["input_ids"], batch["doc_ids"],
-                                       strict=True)]
+        arrays = [k for k in ("input_ids", "doc_ids", "keep", "lengths") if k in batch]
+        out = [self.extractor.write(int(i), **{k: batch[k][j] for k in arrays})
+               for j, i in enumerate(batch["index"])]
         return {k: np.array([o[k] for o in out]) for k in ("index", "rows", "tokens")}
 
 
@@ -47,8 +47,8 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> list[Path | str
     """
     check_model_layers(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
+    windows = build_windows(cfg, tokenizer)  # bad input fails here, before out is touched
     claim_output(cfg)
-    windows = build_windows(cfg, tokenizer)
     n_shards = windows.n_shards(cfg.windows_per_shard)
     todo = pending_shards(cfg, n_shards)
     if todo:
@@ -57,8 +57,7 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> list[Path | str
         ensure_ray(progress)
         items = []
         for i in todo:
-            ids, docs = windows.shard(i, cfg.windows_per_shard)
-            items.append({"index": i, "input_ids": ids, "doc_ids": docs})
+            items.append({"index": i, **windows.shard(i, cfg.windows_per_shard)})
         gpus = cfg.actor_gpus if cfg.actor_gpus is not None else float(torch.cuda.is_available())
         results = ray.data.from_items(items).map_batches(
             _ExtractActor, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=1,
@@ -69,4 +68,5 @@ def run_extraction(cfg: ExtractConfig, progress: bool = True) -> list[Path | str
         for _ in results.iter_rows():
             bar.update(1)
         bar.close()
-    return write_manifests(cfg, model_revision(cfg.model, cfg.revision), n_shards)
+    return write_manifests(cfg, model_revision(cfg.model, cfg.revision), n_shards,
+                           windows.selection)

@@ -47,6 +47,8 @@ def hook_name(site: str, layer: int) -> str:
 
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 MANIFEST = "manifest.json"
+OPTIONAL_MANIFEST_FIELDS = ("selection",)
+"""Manifest fields newer than the format: absent in older manifests, their default then."""
 INT_COLUMNS = {"token_id": pa.int32(), "doc_id": pa.int64(), "position": pa.int32()}
 
 _SHARD_RE = re.compile(r"shard-(\d{5,})\.parquet")
@@ -396,6 +398,8 @@ class Manifest:
     config: dict
     code_version: str = field(default_factory=current_code_version)
     created: str = field(default_factory=_now)
+    selection: dict = field(default_factory=dict)
+    """Fact prompts (counterfact): how many were kept, and skipped by reason."""
 
     def sae_metadata(self) -> dict:
         """What SAELens's ``metadata`` block says about where an SAE trained on these shards
@@ -436,7 +440,8 @@ def manifest_from_dict(data: dict, path) -> Manifest:
     """A manifest from its parsed JSON; errors name ``path`` (a file or URI) and the field."""
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    missing = [f.name for f in dataclasses.fields(Manifest) if f.name not in data]
+    missing = [f.name for f in dataclasses.fields(Manifest)
+               if f.name not in data and f.name not in OPTIONAL_MANIFEST_FIELDS]
     if missing:
         raise InputError(f"{path}: {missing[0]}: required field is missing")
     try:

@@ -9,6 +9,7 @@ sizes and the execution. Quantities keep one name from YAML to result column:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +38,23 @@ FAMILY_GEOMETRY = {"tsae": ("euclidean", "uncentred"), "tsae_aip": ("aip", "unce
 
 
 @dataclass
+class StudyAIP:
+    """How the study's S̃ is fitted: from which rows, leaving which out."""
+
+    source: ExtractConfig | None = None
+    """Fit S̃ on another corpus than the training rows (the paper: Wikipedia documents; cap
+    them with ``max_documents`` or ``max_tokens``), extracted into ``source.out``. Its model,
+    revision, dtype, site and layer are always ``data.extract``'s. Unset: the training rows."""
+    exclude: list[Literal["bos", "sinks"]] = field(default_factory=list)
+    """Rows left out of E[mmᵀ]: BOS rows, and attention-sink rows of norm above
+    ``sink_factor`` × the median (``atoms.aip.ray_moment.RowFilter``)."""
+    sink_factor: float = 10.0
+
+    def __post_init__(self):
+        require(self.sink_factor > 1, "sink_factor", f"must be > 1, got {self.sink_factor}")
+
+
+@dataclass
 class StudyData:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     """How to extract the activations (one site, one layer); skipped when ``shards`` is set."""
@@ -52,6 +70,7 @@ class StudyData:
     random samples of the same held-out documents."""
     aip_floor: float = 1e-6
     """Eigenvalue floor (relative to λ_max) when fitting S̃ for the study."""
+    aip: StudyAIP = field(default_factory=StudyAIP)
 
     def __post_init__(self):
         require(len(self.extract.sites) == 1 and len(self.extract.layers) == 1, "extract",
@@ -59,6 +78,15 @@ class StudyData:
         require(self.holdout_shards >= 1, "holdout_shards", "must be at least 1")
         require(self.validation_rows >= 1, "validation_rows", "must be positive")
         require(self.test_rows >= 1, "test_rows", "must be positive")
+        require(self.aip.source is None or not self.shards, "aip.source",
+                "needs data.extract (its model, site and layer), not data.shards")
+        if self.aip.source is not None:
+            ex = self.extract
+            self.aip.source = dataclasses.replace(
+                self.aip.source, model=ex.model, revision=ex.revision, dtype=ex.dtype,
+                sites=list(ex.sites), layers=list(ex.layers))
+            require(self.aip.source.out != ex.out, "aip.source.out",
+                    "must differ from data.extract.out")
 
 
 @dataclass
@@ -221,6 +249,30 @@ class Execution:
 
 
 @dataclass
+class Monosemanticity:
+    """The monosemanticity harness run at the end (``analysis.monosemanticity``)."""
+
+    judge: str = "heuristic"
+    """'heuristic' (offline, lexical), 'hf:<model>' (e.g. hf:smollm2-135m, in-process) or
+    'openai:<model>' (an OpenAI-compatible endpoint): ``analysis.judges``."""
+    judge_url: str | None = None
+    """openai: the endpoint's base URL (unset: api.openai.com)."""
+    judge_key_env: str = "OPENAI_API_KEY"
+    """openai: the environment variable holding the key."""
+    units: int = 16
+    """Units sampled per unit set."""
+    top_k: int = 8
+    """Top contexts per unit (half shown to the explainer, half held out for detection)."""
+
+    def __post_init__(self):
+        kind, _, model = self.judge.partition(":")
+        require(self.judge == "heuristic" or (kind in ("hf", "openai") and bool(model)),
+                "judge", f"expected heuristic, hf:<model> or openai:<model>, got {self.judge!r}")
+        require(self.units >= 1, "units", "must be positive")
+        require(self.top_k >= 2, "top_k", "must be at least 2 (explain and detect)")
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     out: str = "results/scaling/study"
@@ -236,6 +288,7 @@ class StudyConfig:
     baselines: Baselines = field(default_factory=Baselines)
     eval: UnitEvalConfig = field(default_factory=UnitEvalConfig)
     execution: Execution = field(default_factory=Execution)
+    monosemanticity: Monosemanticity = field(default_factory=Monosemanticity)
     checkpoint_every: int = 500
 
     def __post_init__(self):

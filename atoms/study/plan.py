@@ -145,10 +145,13 @@ def check_scale(cfg: StudyConfig, train_rows: int, holdout_rows: int, where: str
                           f"for but {where} holds out {holdout_rows}")
 
 
-def planned_split(cfg: StudyConfig) -> tuple[int, int]:
+def planned_split(cfg: StudyConfig) -> tuple[int, int] | None:
     """(training rows, held-out rows) the extraction will give, assuming the corpus is long
-    enough: the |M| check runs on this before any work, then again on the real shards."""
+    enough: the |M| check runs on this before any work, then again on the real shards. None
+    for fact prompts (counterfact), whose count only the extraction knows."""
     ex = cfg.data.extract
+    if ex.corpus_format == "counterfact":
+        return None
     windows = ex.max_tokens // ex.context_len
     per_window = {"all": ex.context_len, "last": 1,
                   "no_bos": ex.context_len - int(ex.prepend_bos)}[ex.positions]
@@ -230,13 +233,13 @@ def check_resume(cfg: StudyConfig, store: ResultStore) -> None:
     if not storage.exists("study.json") or not store.storage.files(ROWS, "*.parquet"):
         return
     before = storage.read_json("study.json").get("config", {})
-    now = redact_all(to_dict(cfg))
+    now, defaults = redact_all(to_dict(cfg)), to_dict(StudyConfig())
     for section in RESULT_SECTIONS:
         old, new = dict(before.get(section) or {}), dict(now.get(section) or {})
         if section == "grid":
             for key in GRID_CAN_GROW:
                 old.pop(key, None), new.pop(key, None)
-        change = _first_change(old, new, section)
+        change = _first_change(old, new, section, defaults.get(section))
         if change:
             key, was, is_now = change
             raise ConfigError(f"{storage.show('study.json')}: its finished trials were made with "
@@ -244,11 +247,20 @@ def check_resume(cfg: StudyConfig, store: ResultStore) -> None:
                               "out: or remove the folder")
 
 
-def _first_change(old, new, where: str):
-    """(dotted key, old, new) of the first difference between two config trees, or None."""
+RECORDED_BEFORE = {"train.pre_act_coeff": 0.0}
+"""What a recorded config without the field did, where that is not the field's default now."""
+
+
+def _first_change(old, new, where: str, default=None):
+    """(dotted key, old, new) of the first difference between two config trees, or None; a
+    key the old tree lacks (a field newer than it) counts as what it did then
+    (``RECORDED_BEFORE``), else as its default."""
     if isinstance(old, dict) and isinstance(new, dict):
+        default = default if isinstance(default, dict) else {}
         for key in dict.fromkeys([*old, *new]):
-            change = _first_change(old.get(key), new.get(key), f"{where}.{key}")
+            dotted = f"{where}.{key}"
+            was = old[key] if key in old else RECORDED_BEFORE.get(dotted, default.get(key))
+            change = _first_change(was, new.get(key), dotted, default.get(key))
             if change:
                 return change
         return None

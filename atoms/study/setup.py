@@ -3,9 +3,10 @@ shard folder (given or extracted), S̃, and the context every trial shares."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from atoms.aip.fit import AIPFitConfig, ensure_layer_aip
+from atoms.aip.fit import AIPFitConfig, ensure_layer_aip, load_aip_once
 from atoms.core.config import to_dict
 from atoms.core.errors import ConfigError
 from atoms.core.io import code_version
@@ -44,8 +45,9 @@ def precheck(cfg: StudyConfig) -> None:
         check_against_manifest(cfg, manifest, redact(folder))
     else:
         check_model_layers(ex)
-        train, held = planned_split(cfg)
-        check_scale(cfg, train, held, f"data.extract (max_tokens={ex.max_tokens})")
+        planned = planned_split(cfg)
+        if planned is not None:
+            check_scale(cfg, *planned, f"data.extract (max_tokens={ex.max_tokens})")
 
 
 def planned_width(cfg: StudyConfig) -> int:
@@ -68,12 +70,30 @@ def shard_folder(cfg: StudyConfig, progress: bool) -> str:
 
 
 def study_aip(cfg: StudyConfig, folder: str, progress: bool) -> str:
-    """The S̃ of the study's layer (path or URI), fitted (uncentred) when missing; the centred
-    Cov⁻¹ beside it too when a geometry trains in it."""
+    """The S̃ of the study (path or URI), fitted (uncentred) when missing: on the training
+    layer ``folder``, or on ``data.aip.source`` (extracted now, finished shards kept), leaving
+    out ``data.aip.exclude``; the centred Cov⁻¹ beside it too when a geometry trains in it."""
+    recipe = cfg.data.aip
+    if recipe.source is not None:
+        run_extraction(recipe.source, progress=progress)
+        src = recipe.source
+        folder = str(layer_folder(src.out, src.sites[0], src.layers[0]))
+    fit = AIPFitConfig(floor=cfg.data.aip_floor, exclude=list(recipe.exclude),
+                       sink_factor=recipe.sink_factor)
     if "aip_centred" in cfg.grid.geometries:
-        ensure_layer_aip(folder, AIPFitConfig(centred=True, floor=cfg.data.aip_floor,
-                                              allow_floor=True), progress)
-    return ensure_layer_aip(folder, AIPFitConfig(floor=cfg.data.aip_floor), progress)
+        ensure_layer_aip(folder, dataclasses.replace(fit, centred=True, allow_floor=True),
+                         progress)
+    return ensure_layer_aip(folder, fit, progress)
+
+
+def aip_provenance(aip_path: str) -> dict:
+    """What every row records of its S̃: the corpus of its rows, how many, the exclusions and
+    the rows they dropped."""
+    _, meta = load_aip_once(aip_path)
+    return {"aip_corpus": meta.get("corpus"), "aip_rows": meta.get("rows"),
+            "aip_exclude": ",".join(meta.get("exclude", [])),
+            "aip_dropped_bos": meta.get("dropped_bos", 0),
+            "aip_dropped_sinks": meta.get("dropped_sinks", 0)}
 
 
 def context(cfg: StudyConfig, folder: str, aip_path: str) -> StudyContext:
@@ -85,7 +105,7 @@ def context(cfg: StudyConfig, folder: str, aip_path: str) -> StudyContext:
     held = held_out_rows(split, pool, pool)  # validation first: a run's own held-out rows
     manifest = load_manifest(local)
     meta = {"model": manifest.model, "revision": manifest.revision, "site": manifest.site,
-            "layer": manifest.layer, "positions": manifest.positions,
+            "layer": manifest.layer, "positions": manifest.positions, **aip_provenance(aip_path),
             "data_folder": redact(Storage(folder).uri), "code_version": code_version(),
             "study_config": json.dumps(redact_all(to_dict(cfg)), sort_keys=True)}
     threads = max(1, int(cfg.execution.cpus_per_trial))

@@ -29,7 +29,8 @@ from atoms.train.fast_step import FastThresholdStep, StepMode, fast_step_applies
 
 STEP_MODES = (*get_args(StepMode), "reference")
 L0_PROBE_ROWS = 1024
-"""Held-out rows the L0 controller reads (an encoder pass over them every ``l0_every`` steps)."""
+"""Held-out rows the L0 controller reads (an encoder pass over them every ``l0_every`` steps);
+the final threshold calibration (``l0_calibrate``) reads every probe row, once."""
 
 
 
@@ -89,6 +90,14 @@ class TrainConfig:
     once resampling has stopped, such a latent is switched off instead (merged into its twin)."""
     dead_window: int = 1000
     """A latent that has not fired for this many steps counts as dead."""
+    pre_act_coeff: float = 1e-3
+    """c of the pre-activation loss on dead latents (Anthropic's; SAELens's pre_act_loss),
+    c·(1/B) Σᵢ Σⱼ∈dead ReLU(θⱼ − zᵢⱼ)·‖dⱼ‖, dead: no firing in the last ``pre_act_window``
+    steps. It lifts a dead latent's pre-activations and lowers its threshold until it fires
+    again (threshold SAEs; 0: off). Under Adam a dead latent's own parameters move at
+    the learning rate whatever c is; c only sets how much the shared b_dec feels it. Not counted
+    in the reported loss."""
+    pre_act_window: int = 250
     log_every: int = 50
     """Steps between history rows (each the mean over its window) and divergence checks."""
     seed: int = 0
@@ -116,6 +125,8 @@ class TrainConfig:
         require(self.converge_tol > 0, "converge_tol", "must be positive")
         require(self.resample_every >= 0, "resample_every", "must be non-negative")
         require(self.dead_window >= 1, "dead_window", "must be positive")
+        require(self.pre_act_coeff >= 0, "pre_act_coeff", "must be ≥ 0")
+        require(self.pre_act_window >= 1, "pre_act_window", "must be positive")
         require(self.log_every >= 1, "log_every", "must be positive")
         require(self.step in STEP_MODES, "step", f"must be one of {STEP_MODES}, got {self.step!r}")
 
@@ -174,12 +185,15 @@ class SAEObjective(nn.Module):
 
 def train_step(
     objective: nn.Module, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer,
-    batch: torch.Tensor, sparsity_coeff: float,
+    batch: torch.Tensor, sparsity_coeff: float, before_update=None,
 ) -> tuple[torch.Tensor, ...]:
-    """One forward/backward/update, constraints re-applied: (loss, mse, l0, fired) tensors."""
+    """One forward/backward/update, constraints re-applied: (loss, mse, l0, fired) tensors;
+    ``before_update()`` may add to the gradients first."""
     loss, mse, l0, fired = objective(batch, sparsity_coeff)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if before_update is not None:
+        before_update()
     optimizer.step()
     sae.constrain_()
     return loss.detach(), mse, l0, fired
@@ -385,13 +399,15 @@ class Trainer:
         if hasattr(sae, "threshold"):
             self.state.threshold_start = sae.threshold.detach().cpu().clone()
         self._window: list[tuple] = []
-        self.l0_probe, self.l0_rows = False, None
+        self.l0_probe, self.l0_rows, self.calibration_rows = False, None, None
+        self._pre_act_dead: torch.Tensor | None = None
 
     def set_l0_probe(self, rows: torch.Tensor | None) -> None:
         """Steer λ by the L0 on ``rows`` (raw held-out rows; every rank calls this, rank 0
         with the rows, the others with None, and rank 0's L0 is broadcast)."""
         self.l0_probe = True
         self.l0_rows = None if rows is None else rows[:L0_PROBE_ROWS]
+        self.calibration_rows = rows
 
     # -- one step ----------------------------------------------------------------------------
     def end(self, until: int | None = None) -> int:
@@ -407,8 +423,9 @@ class Trainer:
         if self.fast is not None:
             loss, mse, l0, fired = self._fast_step(batch, sparsity_coeff)
         else:
+            extra = (lambda: self._pre_act_grad(batch)) if self._pre_act_now() else None
             loss, mse, l0, fired = train_step(self.objective, self.sae, self.optimizer, batch,
-                                              sparsity_coeff)
+                                              sparsity_coeff, extra)
         s.last_fired = torch.where(fired, s.step, s.last_fired)
         self._window.append((s.step, lr, sparsity_coeff, loss, mse, l0))
         s.step += 1
@@ -456,8 +473,8 @@ class Trainer:
                 and s.threshold_scale is None):
             return
         value = torch.ones(1, device=self.sae.W_dec.device)
-        if self.l0_rows is not None:
-            pre = self.sae.pre_activations(self.sae.normalise(self.l0_rows))
+        if self.calibration_rows is not None:
+            pre = self.sae.pre_activations(self.sae.normalise(self.calibration_rows))
             value[0] = threshold_scale_for(pre, self.sae.threshold, cfg.target_l0)
         self.sync.broadcast_([value])
         self.sae.threshold.mul_(value)
@@ -466,6 +483,8 @@ class Trainer:
     def _fast_step(self, batch: torch.Tensor, sparsity_coeff: float):
         """The hand-written step; across workers the gradients are averaged in one buffer."""
         terms = self.fast(batch, sparsity_coeff)
+        if self._pre_act_now():
+            self._pre_act_grad(batch)
         if self.sync.world > 1:
             grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
             flat = self.sync.mean_(torch.cat([g.reshape(-1) for g in grads]))
@@ -475,6 +494,47 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.sae.constrain_()
         return terms
+
+    def _pre_act_now(self) -> bool:
+        """Whether this step adds ``pre_act_coeff``'s loss: a threshold SAE, past the window."""
+        return bool(self.cfg.pre_act_coeff and self.state.step >= self.cfg.pre_act_window
+                    and isinstance(getattr(self.sae, "threshold", None), nn.Parameter))
+
+    @torch.no_grad()
+    def _pre_act_grad(self, batch: torch.Tensor) -> None:
+        """Add the gradient of ``pre_act_coeff``'s loss on the dead latents to ``.grad``:
+        with u = (c/B)·‖dⱼ‖·1[zᵢⱼ < θⱼ], ∂zᵢⱼ = −u, ∂θⱼ = Σᵢ u (z = x W_enc + b_enc − b_dec W_enc,
+        x in normalised units). The dead set is read every ``l0_every`` steps; without the
+        fast step (which averages every gradient) the addition is averaged over workers here."""
+        s = self.state
+        if self._pre_act_dead is None or s.step % self.cfg.l0_every == 0:
+            self._pre_act_dead = self.dead(self.cfg.pre_act_window).nonzero().squeeze(1)
+        idx, sae = self._pre_act_dead, self.sae
+        if not len(idx):
+            return
+        x = batch * sae.input_scale
+        w = sae.W_enc[:, idx]
+        z = x @ w + sae.b_enc[idx]
+        if sae.cfg.bias:
+            z -= sae.b_dec @ w
+        norms = torch.linalg.vector_norm(sae.W_dec[idx], dim=1)
+        u = (z < sae.threshold[idx]).to(x.dtype) * (self.cfg.pre_act_coeff / len(x) * norms)
+        u_sum = u.sum(0)
+        d_w = torch.outer(sae.b_dec, u_sum) - x.T @ u if sae.cfg.bias else -(x.T @ u)
+        parts = [d_w, u_sum, w @ u_sum]
+        if self.fast is None and self.sync.world > 1:
+            sizes = [p.numel() for p in parts]
+            flat = self.sync.mean_(torch.cat([p.reshape(-1) for p in parts]))
+            parts = [f.view_as(p) for f, p in zip(flat.split(sizes), parts, strict=True)]
+        d_w, u_sum, d_b_dec = parts
+        for p in (sae.W_enc, sae.threshold, sae.b_enc, sae.b_dec):
+            if p.grad is None and p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        sae.W_enc.grad[:, idx] += d_w
+        sae.threshold.grad[idx] += u_sum
+        if sae.cfg.bias:
+            sae.b_enc.grad[idx] -= u_sum
+            sae.b_dec.grad += d_b_dec
 
     def dead(self, window: int | None = None) -> torch.Tensor:
         """Latents that fired on no worker in the last ``window`` steps (bool, d_sae)."""
