@@ -96,8 +96,9 @@ def _read(paths: Sequence[Path], max_rows: int | None) -> tuple[list[dict], int]
 
 def _fact_prompts(folder: Path):
     """For a shard folder of fact prompts: (shard path, rows) ↦ each row's unpadded prompt ids
-    and how many lead ids (a BOS) the context leaves out, from the windows the extraction built (the corpus tokenised again, as it was); else None.
-    Rows are their windows' kept positions in order, which is how the extraction wrote them."""
+    and how many lead ids (a BOS) the context leaves out, from the windows the extraction built
+    (the corpus tokenised again, as it was); else None. Rows are their windows' kept positions
+    in order, which is how the extraction wrote them."""
     if not (folder / "manifest.json").is_file():
         return None
     config = ShardSet.open(folder, verify=False).manifest.config
