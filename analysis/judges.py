@@ -12,7 +12,8 @@ environment variable). ``DetectionJudge`` scores one unit:
 3. score = balanced accuracy ½(TPR + TNR) over the answers that parse.
 
 An answer that is not yes/no, or an empty explanation, is a parse failure, never a score; a
-unit with no parsed answer on either side has no score (NaN). Every prompt and raw answer is
+unit with no parsed answer on either side, or too few active contexts to hold one out, has no
+score (NaN). Every prompt and raw answer is
 kept in ``log`` for the harness to write beside the scores.
 """
 
@@ -168,9 +169,11 @@ class DetectionJudge:
         active = [r for r in records if r.get("role") == "detect"]
         negative = [r for r in records if r.get("role") == "negative"]
         n = min(len(active), len(negative))
-        if not shown or n == 0:
-            raise InputError(f"judge {self.__name__}: unit {records[0]['unit']} has no "
-                             "explain, detect or negative contexts")
+        if not shown or n == 0:  # too few contexts to hold any out: nothing to judge
+            self.log.append({"unit_set": records[0]["unit_set"], "unit": records[0]["unit"],
+                             "skipped": f"{len(shown)} explain, {len(active)} detect and "
+                                        f"{len(negative)} negative contexts"})
+            return {"score": math.nan, "attempts": 0, "parse_failures": 0}
         prompt = explain_messages(shown)
         raw = self.client.complete(prompt, EXPLANATION_TOKENS)
         explanation = parse_explanation(raw)

@@ -284,7 +284,7 @@ def judge_units(records: list[dict], judge: Callable[[list[dict]], float | dict]
     """One row per (unit_set, unit): score = judge(that unit's records), in [0, 1]; columns
     unit_set, unit, score, n_contexts, judge, attempts, parse_failures. A judge returns a
     number, or a dict {score, attempts, parse_failures} (an LLM judge): its score may then be
-    NaN, a unit whose answers all failed to parse."""
+    NaN, a unit whose answers all failed to parse or that had nothing to judge."""
     from tqdm.auto import tqdm
 
     groups: dict[tuple, list[dict]] = {}
@@ -300,7 +300,8 @@ def judge_units(records: list[dict], judge: Callable[[list[dict]], float | dict]
             score = float(verdict["score"])
         except (TypeError, ValueError):
             score = math.inf
-        unparsed = math.isnan(score) and verdict["parse_failures"] > 0
+        unparsed = math.isnan(score) and (verdict["parse_failures"] > 0
+                                          or verdict["attempts"] == 0)
         if not (0.0 <= score <= 1.0 or unparsed):
             raise InputError(f"judge {name}: unit {unit} of {unit_set}: score "
                              f"{verdict['score']!r} is not a number in [0, 1]")

@@ -85,6 +85,10 @@ def test_garbage_is_counted_as_parse_failures_never_as_scores(records):
     assert mute.client.calls == 1  # no explanation: nothing is asked
     with pytest.raises(InputError, match="not a number in"):
         judge_units(records, lambda r: math.nan)  # a plain judge's NaN is not a parse failure
+    lonely = [r for r in planted(records) if r["rank"] == 0]  # one context: nothing held out
+    verdict = garbage(lonely)
+    assert math.isnan(verdict["score"]) and verdict["attempts"] == 0
+    assert "skipped" in garbage.log[-1]
 
 
 def test_parsers():

@@ -96,7 +96,7 @@ def run_settings(ctx: StudyContext, trial: Trial) -> RunSettings:
         holdout_shards=cfg.data.holdout_shards, eval_rows=cfg.data.validation_rows,
         eval_pool=cfg.data.validation_rows + cfg.data.test_rows,
         eval_every=10**9, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1,
-        aip="auto", train_rows=trial.train_rows, torch_threads=ctx.threads)
+        aip=ctx.aip_path or "none", train_rows=trial.train_rows, torch_threads=ctx.threads)
 
 
 def train_job(ctx: StudyContext, trial: Trial) -> TrainJob:

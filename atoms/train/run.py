@@ -164,8 +164,10 @@ def _whitening(cfg: SAEConfig, aip_path: Path | None, folder: Path) -> Whitening
     """Geometry 'aip': the map of the run's S̃ (uncentred) or of the layer's centred Cov⁻¹."""
     if cfg.geometry != "aip":
         return None
-    if cfg.whitening == "centred":
+    if cfg.whitening == "centred":  # beside the run's S̃ (its source's layer), else the shards
         path = folder / AIP_CENTRED_FILE
+        if aip_path is not None and (Path(aip_path).parent / AIP_CENTRED_FILE).exists():
+            path = Path(aip_path).parent / AIP_CENTRED_FILE
         if not path.exists():
             raise InputError(f"sae.whitening: 'centred' needs {path} (fit it with "
                              "experiments/fit_aip.py and aip.centred: true)")
