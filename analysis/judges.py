@@ -24,7 +24,7 @@ import os
 import re
 from typing import Protocol
 
-from atoms.core.errors import InputError
+from atoms.core.errors import InputError, first_line
 
 EXPLAIN_SYSTEM = ("You explain what a unit inside a language model responds to. You are shown "
                   "texts where the unit is active; the token where it is most active is marked "
@@ -89,7 +89,7 @@ class OpenAIClient:
             self.client.models.list()
         except openai.APIConnectionError as e:
             raise InputError(f"judge {self.name}: endpoint {where} is unreachable "
-                             f"({_first_line(e)})") from None
+                             f"({first_line(e)})") from None
         except openai.APIStatusError as e:
             raise InputError(f"judge {self.name}: endpoint {where} refused the request "
                              f"(HTTP {e.status_code})") from None
@@ -206,8 +206,3 @@ def make_judge(spec: str = "heuristic", base_url: str | None = None,
 
         return heuristic_judge
     return DetectionJudge(make_client(spec, base_url, key_env))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

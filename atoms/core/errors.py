@@ -26,3 +26,9 @@ class TrainingDiverged(AtomsError, RuntimeError):
 
     def __reduce__(self):
         return type(self), (str(self), self.step)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's failure."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from atoms.core.errors import InputError
+from atoms.core.errors import InputError, first_line
 
 BUILTIN_CORPORA = ("wiki-sample", "pydoc")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -129,7 +129,7 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise InputError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     if text_field not in pf.schema_arrow.names:
         raise InputError(f"{path}: no column '{text_field}' "
                          f"(columns: {', '.join(pf.schema_arrow.names)})")
@@ -168,12 +168,7 @@ def _hf_rows(source: str, split: str, config: str | None) -> Iterator[dict]:
         raise CorpusNotAvailable(
             f"corpus '{source}' is not available: not a local file, not built in "
             f"({', '.join(BUILTIN_CORPORA)}) and the Hugging Face hub cannot provide it "
-            f"({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+            f"({first_line(e)})") from None
 
 
 # --------------------------------------------------------------------------------------- wikipedia

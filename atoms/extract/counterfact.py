@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from atoms.core.errors import InputError
+from atoms.extract import counterfact_sample
+from atoms.extract.corpus import _hf_rows
 
 PROMPT_FIELDS = {"rewrite": None, "paraphrase": "paraphrase_prompts",
                  "neighborhood": "neighborhood_prompts", "attribute": "attribute_prompts",
@@ -107,8 +109,6 @@ def _fill(template: str, subject: str, where: str) -> tuple[str, tuple[int, int]
 
 
 def _records(source: str, split: str, config: str | None) -> Iterator[tuple[str, dict]]:
-    from atoms.extract import counterfact_sample
-
     if source == counterfact_sample.NAME:
         return ((f"{source}: record {i}", r)
                 for i, r in enumerate(counterfact_sample.sample_records()))
@@ -121,8 +121,6 @@ def _records(source: str, split: str, config: str | None) -> Iterator[tuple[str,
         raise InputError(f"{path}: a CounterFact file is .json (an array) or .jsonl")
     if path.suffix in (".json", ".jsonl") or source.startswith(("/", "./", "../", "~")):
         raise InputError(f"{source}: no such file")
-    from atoms.extract.corpus import _hf_rows
-
     return ((f"dataset '{source}' row {i}", row)
             for i, row in enumerate(_hf_rows(source, split, config)))
 

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from atoms.core.errors import AtomsError, InputError
+from atoms.core.errors import AtomsError, InputError, first_line
 from atoms.core.io import atomic_path, cache_root
 
 CHUNK = 8 * 2**20
@@ -77,10 +77,6 @@ def redact_all(value):
     return value
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 class Storage:
     """A folder addressed by ``uri``; every method takes a path relative to it ('' = itself)."""
 
@@ -100,7 +96,7 @@ class Storage:
             try:
                 fs, root = pafs.FileSystem.from_uri(text)
             except (pa.ArrowException, OSError, ValueError) as e:
-                raise StorageError(f"{redact(text)}: cannot open ({_first_line(e)})") from None
+                raise StorageError(f"{redact(text)}: cannot open ({first_line(e)})") from None
         self.fs, self.root = fs, root.rstrip("/")
 
     def __repr__(self) -> str:
@@ -149,7 +145,7 @@ class Storage:
         try:
             return self.fs.get_file_info(self.path(rel))
         except (pa.ArrowException, OSError) as e:
-            raise StorageError(f"{self.show(rel)}: cannot read ({_first_line(e)})") from None
+            raise StorageError(f"{self.show(rel)}: cannot read ({first_line(e)})") from None
 
     def files(self, rel: str = "", pattern: str = "*", recursive: bool = False
               ) -> dict[str, int]:
@@ -159,7 +155,7 @@ class Storage:
             infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True,
                                                             recursive=recursive))
         except (pa.ArrowException, OSError) as e:
-            raise StorageError(f"{self.show(rel)}: cannot list ({_first_line(e)})") from None
+            raise StorageError(f"{self.show(rel)}: cannot list ({first_line(e)})") from None
         prefix = f"{rel}/" if rel else ""
         return {prefix + i.path[len(base) + 1:]: i.size for i in sorted(infos, key=_by_path)
                 if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)}
@@ -171,13 +167,13 @@ class Storage:
         except FileNotFoundError:
             raise InputError(f"{self.show(rel)}: not found") from None
         except (pa.ArrowException, OSError) as e:
-            raise StorageError(f"{self.show(rel)}: cannot read ({_first_line(e)})") from None
+            raise StorageError(f"{self.show(rel)}: cannot read ({first_line(e)})") from None
 
     def read_json(self, rel: str):
         try:
             return json.loads(self.read_bytes(rel))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{self.show(rel)}: not valid JSON ({_first_line(e)})") from None
+            raise InputError(f"{self.show(rel)}: not valid JSON ({first_line(e)})") from None
 
     # ------------------------------------------------------------------ writing
 
@@ -206,7 +202,7 @@ class Storage:
             raise InputError(f"{self.show(rel)}: not found") from None
         except (pa.ArrowException, OSError) as e:
             raise StorageError(f"{self.show(rel)}: cannot download to {local} "
-                               f"({_first_line(e)})") from None
+                               f"({first_line(e)})") from None
         return Path(local)
 
     def put_tree(self, local: str | os.PathLike, rel: str = "", last: tuple[str, ...] = ()
@@ -232,7 +228,7 @@ class Storage:
             elif info.type == pafs.FileType.File:
                 self.fs.delete_file(self.path(rel))
         except (pa.ArrowException, OSError) as e:
-            raise StorageError(f"{self.show(rel)}: cannot delete ({_first_line(e)})") from None
+            raise StorageError(f"{self.show(rel)}: cannot delete ({first_line(e)})") from None
 
     def check_writable(self, field: str) -> None:
         """Write, read back and delete a probe file; StorageError naming ``field`` if any of
@@ -246,7 +242,7 @@ class Storage:
                 back = f.read()
             self.fs.delete_file(self.path(probe))
         except (pa.ArrowException, OSError) as e:
-            raise StorageError(f"{field}: {self.name} is not writable ({_first_line(e)})"
+            raise StorageError(f"{field}: {self.name} is not writable ({first_line(e)})"
                                ) from None
         finally:
             for folder in created:
@@ -259,7 +255,7 @@ class Storage:
         try:
             self._write_raw(rel, fill)
         except (pa.ArrowException, OSError) as e:
-            raise StorageError(f"{self.show(rel)}: cannot write ({_first_line(e)})") from None
+            raise StorageError(f"{self.show(rel)}: cannot write ({first_line(e)})") from None
         return self.uri_of(rel)
 
     def _write_raw(self, rel: str, fill) -> None:
