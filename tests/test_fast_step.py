@@ -127,7 +127,8 @@ def test_the_fused_dense_function_gives_autograds_gradients(bias, monkeypatch):
 def test_pre_activation_loss_gradient_is_autograds(bias):
     """The dead latents' pre-activation loss c·(1/B) Σᵢ Σⱼ∈dead ReLU(θⱼ − zᵢⱼ)·‖dⱼ‖."""
     sae = random_sae(bias, seed=3)
-    trainer = Trainer(sae, TrainConfig(steps=10, pre_act_coeff=0.7, pre_act_window=5))
+    trainer = Trainer(sae, TrainConfig(steps=10, pre_act_coeff=0.7,
+                                       pre_act_window_rows=5 * 1024))
     trainer.state.step = 20
     dead = torch.zeros(80, dtype=torch.bool)
     dead[[3, 17, 40, 79]] = True
@@ -156,8 +157,9 @@ def test_pre_activation_loss_revives_a_dead_latent():
         sae = random_sae(True, seed=4)
         with torch.no_grad():
             sae.threshold[5] = 50.0  # far above every pre-activation: dead from the start
-        trainer = Trainer(sae, TrainConfig(steps=300, batch_size=64, lr=1e-2, pre_act_window=20,
-                                           pre_act_coeff=coeff, log_every=50))
+        trainer = Trainer(sae, TrainConfig(steps=300, batch_size=64, lr=1e-2,
+                                           pre_act_window_rows=20 * 64, pre_act_coeff=coeff,
+                                           log_every=50))
         for step in range(300):
             trainer.step(x[(step * 64) % 4096:][:64])
         return bool(trainer.state.last_fired[5] >= 0)

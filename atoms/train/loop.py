@@ -92,12 +92,18 @@ class TrainConfig:
     """A latent that has not fired for this many steps counts as dead."""
     pre_act_coeff: float = 1e-3
     """c of the pre-activation loss on dead latents (Anthropic's; SAELens's pre_act_loss),
-    c·(1/B) Σᵢ Σⱼ∈dead ReLU(θⱼ − zᵢⱼ)·‖dⱼ‖, dead: no firing in the last ``pre_act_window``
-    steps. It lifts a dead latent's pre-activations and lowers its threshold until it fires
-    again (threshold SAEs; 0: off). Under Adam a dead latent's own parameters move at
-    the learning rate whatever c is; c only sets how much the shared b_dec feels it. Not counted
-    in the reported loss."""
-    pre_act_window: int = 250
+    c·(1/B) Σᵢ Σⱼ∈dead ReLU(θⱼ − zᵢⱼ)·‖dⱼ‖, dead: no firing in the last
+    ``pre_act_window_rows`` training rows. It lifts a dead latent's pre-activations and lowers
+    its threshold until it fires again (threshold SAEs; 0: off). Under Adam a dead latent's own
+    parameters move at the learning rate whatever c is; c only sets how much the shared b_dec
+    feels it. Not counted in the reported loss."""
+    pre_act_window_rows: int = 25_600
+    """The pre-activation loss's dead window in training rows, ⌈rows / ``batch_size``⌉ steps
+    (25 steps of 1,024 rows): a latent silent that long is lifted until it fires once, so a
+    latent of firing rate p is touched about once in exp(p·rows) windows. Short windows keep
+    SAELens's synthetic benchmark free of latents that fire a few times in 10⁵ rows and not
+    once on its evaluation samples; 250 steps left 1–4 of them (``benchmarks/synthetic_peers.py
+    --ablation``)."""
     log_every: int = 50
     """Steps between history rows (each the mean over its window) and divergence checks."""
     seed: int = 0
@@ -126,7 +132,7 @@ class TrainConfig:
         require(self.resample_every >= 0, "resample_every", "must be non-negative")
         require(self.dead_window >= 1, "dead_window", "must be positive")
         require(self.pre_act_coeff >= 0, "pre_act_coeff", "must be ≥ 0")
-        require(self.pre_act_window >= 1, "pre_act_window", "must be positive")
+        require(self.pre_act_window_rows >= 1, "pre_act_window_rows", "must be positive")
         require(self.log_every >= 1, "log_every", "must be positive")
         require(self.step in STEP_MODES, "step", f"must be one of {STEP_MODES}, got {self.step!r}")
 
@@ -401,6 +407,8 @@ class Trainer:
         self._window: list[tuple] = []
         self.l0_probe, self.l0_rows, self.calibration_rows = False, None, None
         self._pre_act_dead: torch.Tensor | None = None
+        self.pre_act_steps = math.ceil(cfg.pre_act_window_rows / cfg.batch_size)
+        """``pre_act_window_rows`` in steps."""
 
     def set_l0_probe(self, rows: torch.Tensor | None) -> None:
         """Steer λ by the L0 on ``rows`` (raw held-out rows; every rank calls this, rank 0
@@ -497,7 +505,7 @@ class Trainer:
 
     def _pre_act_now(self) -> bool:
         """Whether this step adds ``pre_act_coeff``'s loss: a threshold SAE, past the window."""
-        return bool(self.cfg.pre_act_coeff and self.state.step >= self.cfg.pre_act_window
+        return bool(self.cfg.pre_act_coeff and self.state.step >= self.pre_act_steps
                     and isinstance(getattr(self.sae, "threshold", None), nn.Parameter))
 
     @torch.no_grad()
@@ -508,7 +516,7 @@ class Trainer:
         fast step (which averages every gradient) the addition is averaged over workers here."""
         s = self.state
         if self._pre_act_dead is None or s.step % self.cfg.l0_every == 0:
-            self._pre_act_dead = self.dead(self.cfg.pre_act_window).nonzero().squeeze(1)
+            self._pre_act_dead = self.dead(self.pre_act_steps).nonzero().squeeze(1)
         idx, sae = self._pre_act_dead, self.sae
         if not len(idx):
             return
