@@ -55,3 +55,15 @@ def test_fields_newer_than_the_recorded_config_count_as_their_defaults(tmp_path)
         check_resume(cfg, ResultStore(cfg.out))
     no_loss = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pre_act_coeff=0.0))
     check_resume(no_loss, ResultStore(cfg.out))
+
+
+def test_a_recorded_field_the_config_no_longer_has_is_refused(tmp_path):
+    import json
+
+    cfg = _finished_study(tmp_path)
+    path = tmp_path / "out" / "study.json"
+    recorded = json.loads(path.read_text())
+    recorded["config"]["train"]["pre_act_window"] = 250  # steps, before the window was in rows
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match="train.pre_act_window = 250, the config no longer has"):
+        check_resume(cfg, ResultStore(cfg.out))

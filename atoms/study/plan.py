@@ -242,11 +242,15 @@ def check_resume(cfg: StudyConfig, store: ResultStore) -> None:
         change = _first_change(old, new, section, defaults.get(section))
         if change:
             key, was, is_now = change
+            now_says = ("the config no longer has that field" if is_now is ABSENT
+                        else f"the config now says {is_now!r}")
             raise ConfigError(f"{storage.show('study.json')}: its finished trials were made with "
-                              f"{key} = {was!r}, the config now says {is_now!r}; use another "
-                              "out: or remove the folder")
+                              f"{key} = {was!r}, {now_says}; use another out: or remove the "
+                              "folder")
 
 
+ABSENT = object()
+"""A recorded field the config no longer has (renamed or removed)."""
 RECORDED_BEFORE = {"train.pre_act_coeff": 0.0}
 """What a recorded config without the field did, where that is not the field's default now."""
 
@@ -254,14 +258,15 @@ RECORDED_BEFORE = {"train.pre_act_coeff": 0.0}
 def _first_change(old, new, where: str, default=None):
     """(dotted key, old, new) of the first difference between two config trees, or None; a
     key the old tree lacks (a field newer than it) counts as what it did then
-    (``RECORDED_BEFORE``), else as its default."""
+    (``RECORDED_BEFORE``), else as its default; one the new tree lacks is ``ABSENT``."""
     if isinstance(old, dict) and isinstance(new, dict):
         default = default if isinstance(default, dict) else {}
         for key in dict.fromkeys([*old, *new]):
             dotted = f"{where}.{key}"
             was = old[key] if key in old else RECORDED_BEFORE.get(dotted, default.get(key))
-            change = _first_change(was, new.get(key), dotted, default.get(key))
+            change = _first_change(was, new.get(key, ABSENT), dotted, default.get(key))
             if change:
                 return change
         return None
-    return None if old == new else (where, old, new)
+    same = old == new or (new is ABSENT and old is None)
+    return None if same else (where, old, new)
