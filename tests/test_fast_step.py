@@ -165,3 +165,10 @@ def test_pre_activation_loss_revives_a_dead_latent():
         return bool(trainer.state.last_fired[5] >= 0)
 
     assert not train(0.0) and train(1e-3)
+
+
+def test_the_dead_window_is_rows_and_leaves_resampling_its_dead_latents():
+    sae = random_sae(True, seed=5)
+    assert Trainer(sae, TrainConfig(batch_size=1024)).pre_act_steps == 25
+    assert Trainer(sae, TrainConfig(batch_size=256)).pre_act_steps == 100
+    assert Trainer(sae, TrainConfig(batch_size=1024, resample_every=250)).pre_act_steps == 250

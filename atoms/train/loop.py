@@ -103,7 +103,9 @@ class TrainConfig:
     latent of firing rate p is touched about once in exp(p·rows) windows. Short windows keep
     SAELens's synthetic benchmark free of latents that fire a few times in 10⁵ rows and not
     once on its evaluation samples; 250 steps left 1–4 of them (``benchmarks/synthetic_peers.py
-    --ablation``)."""
+    --ablation``). With resampling on the window is at least ``resample_every`` steps: a
+    shorter one lifts every silent latent before resampling can see it dead, and on a planted
+    set with more latents than atoms that cost a sixth of the atoms (``tests/test_training``)."""
     log_every: int = 50
     """Steps between history rows (each the mean over its window) and divergence checks."""
     seed: int = 0
@@ -407,8 +409,9 @@ class Trainer:
         self._window: list[tuple] = []
         self.l0_probe, self.l0_rows, self.calibration_rows = False, None, None
         self._pre_act_dead: torch.Tensor | None = None
-        self.pre_act_steps = math.ceil(cfg.pre_act_window_rows / cfg.batch_size)
-        """``pre_act_window_rows`` in steps."""
+        self.pre_act_steps = max(math.ceil(cfg.pre_act_window_rows / cfg.batch_size),
+                                 cfg.resample_every)
+        """``pre_act_window_rows`` in steps, at least ``resample_every``."""
 
     def set_l0_probe(self, rows: torch.Tensor | None) -> None:
         """Steer λ by the L0 on ``rows`` (raw held-out rows; every rank calls this, rank 0
