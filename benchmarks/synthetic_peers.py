@@ -115,15 +115,15 @@ changes. The recipe: STE bandwidth ε = 0.05 (normalised units; was 0.001), Adam
 the pre-activation loss on latents silent for 25,600 rows, 25 steps (c = 1e-3; was none)."""
 
 
-def _window(steps: int) -> tuple[dict, dict]:
-    return {}, {"pre_act_window_rows": steps * 1024}
+def _window(steps: int) -> dict:
+    """The train change for a dead window of ``steps`` of the settings' batch."""
+    return {"pre_act_window_rows": steps * Setting.batch}
 
 
 CANDIDATES = {"resampling every 250 steps": ({}, {"resample_every": 250}),
               "resampling every 500 steps": ({}, {"resample_every": 500}),
-              **{f"a {n}-step dead window": _window(n) for n in (1000, 250, 100, 50, 10)},
-              "c = 1e-2 and a 250-step dead window": ({}, {"pre_act_coeff": 1e-2,
-                                                           **_window(250)[1]})}
+              **{f"a {n}-step dead window": ({}, _window(n)) for n in (1000, 250, 100, 50, 10)},
+              "c = 1e-2 and a 250-step dead window": ({}, {"pre_act_coeff": 1e-2, **_window(250)})}
 """Changes tried on top of the recipe, kept out of it. The dead window was 250 steps until
 seeds 0, 10 and 11 showed shorter ones leave no dead latents on 'second' (the settings' batch is
 1,024 rows); 25 steps, not 10, for a lower firing-rate floor on real activations."""
